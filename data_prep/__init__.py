@@ -1,0 +1,1 @@
+"""Dataset preparation: MVTec AD download, the embedded synthetic dataset, validation, MVTec-Shift."""

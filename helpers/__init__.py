@@ -1,0 +1,1 @@
+"""Tested logic behind the study notebooks: data, features, detectors, metrics, experiments, report."""

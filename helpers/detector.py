@@ -1,0 +1,81 @@
+"""The one interface both detectors satisfy, so every experiment is written once.
+
+A detector is fit on normal images and predicts, for each image, a scalar anomaly score and an anomaly map
+at the model's input resolution (``image_size`` x ``image_size``). Images are given as paths: the detector
+gets their backbone features from the on-disk feature cache (:mod:`helpers.features`), so a sweep never
+recomputes the backbone.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass
+class Prediction:
+    image_scores: np.ndarray  # (N,) float32, higher = more anomalous
+    anomaly_maps: np.ndarray  # (N, image_size, image_size) float32
+
+    def __post_init__(self) -> None:
+        if self.image_scores.ndim != 1 or self.anomaly_maps.ndim != 3:
+            raise ValueError("image_scores must be (N,) and anomaly_maps (N, H, W)")
+        if len(self.image_scores) != len(self.anomaly_maps):
+            raise ValueError("image_scores and anomaly_maps disagree on N")
+
+
+class Detector(ABC):
+    """Fit on normal images; predict image scores and anomaly maps; save; load."""
+
+    method: str
+
+    @abstractmethod
+    def fit(self, images: Sequence[str | Path]) -> "Detector":
+        """Learn normality from defect-free images. Returns self."""
+
+    @abstractmethod
+    def predict(self, images: Sequence[str | Path]) -> Prediction:
+        """Score images; maps are at ``image_size`` resolution."""
+
+    @abstractmethod
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted model to ``path`` (a safetensors/npz file, never a pickle)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: str | Path) -> "Detector":
+        """Read a model written by :meth:`save`."""
+
+    @abstractmethod
+    def settings(self) -> dict:
+        """Every hyperparameter, as plain values: used for result paths and cache keys."""
+
+
+METHODS = ("patchcore", "padim")
+
+
+def make_detector(method: str, **settings) -> Detector:
+    """Build an unfitted detector by name; ``settings`` are its constructor's keyword arguments."""
+    if method == "patchcore":
+        from helpers.patchcore import PatchCore
+
+        return PatchCore(**settings)
+    if method == "padim":
+        from helpers.padim import Padim
+
+        return Padim(**settings)
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+def load_detector(path: str | Path) -> Detector:
+    """Load a saved detector of either method (the file records which)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        method = (f.metadata() or {}).get("method")
+    if method not in METHODS:
+        raise ValueError(f"{path}: not a saved detector (metadata method={method!r})")
+    return make_detector(method).__class__.load(path)
