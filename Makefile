@@ -1,0 +1,33 @@
+# The two entry points are `make study` and `make test`; both set up .venv first when it is missing or stale.
+PROFILE ?= default
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup study test lab bench clean-runs
+
+setup: $(STAMP)
+
+# Re-installs whenever requirements.txt or pyproject.toml is newer than the last install.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+study: setup
+	$(PY) -m helpers.study --profile $(PROFILE)
+
+test: setup
+	$(PY) -m pytest -q
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: setup
+	$(PY) -m helpers.bench patchcore --root data/synthetic --category hazelnut --n-train 100
+
+clean-runs:
+	rm -rf runs/$(PROFILE)

@@ -1,0 +1,154 @@
+"""Experiment building blocks shared by the notebooks: the run context from the parameters cell, dataset
+preparation, fitted-model caching, and scoring a detector on clean or shifted splits into tidy rows.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from helpers import splits
+from helpers.data import load_mask
+from helpers.detector import Detector, Prediction, load_detector, make_detector
+from helpers.features import file_digest
+from helpers.paths import CACHE, cache_key, resolve, result_path
+
+CLEAN = ("none", 0)  # (transform, severity) of the unshifted data
+
+
+@dataclass
+class Context:
+    """What every notebook needs from its parameters cell, with paths resolved."""
+
+    dataset: str
+    data_root: Path
+    categories: list[str]
+    backbone: str
+    image_size: int
+    out_dir: Path
+    figures_dir: Path
+    split_seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0])
+    shift_root: Path | None = None
+    shift_seed: int = 0
+    device: str = "auto"
+    n_train: int | None = None
+
+    @classmethod
+    def from_params(cls, **p) -> "Context":
+        return cls(dataset=p["dataset"], data_root=resolve(p["data_root"]), categories=list(p["categories"]),
+                   backbone=p["backbone"], image_size=int(p["image_size"]), out_dir=resolve(p["out_dir"]),
+                   figures_dir=resolve(p["figures_dir"]), split_seed=int(p.get("split_seed", 0)),
+                   seeds=list(p.get("seeds", [0])),
+                   shift_root=resolve(p["shift_root"]) if p.get("shift_root") else None,
+                   shift_seed=int(p.get("shift_seed", 0)), device=p.get("device", "auto"),
+                   n_train=p.get("n_train"))
+
+    def table(self, name: str, **params) -> Path:
+        return result_path(self.out_dir, name, **params)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.table("splits", "manifest.csv", dataset=self.dataset, seed=self.split_seed)
+
+    def manifest(self) -> pd.DataFrame:
+        return splits.load(self.manifest_path)
+
+    def root_for(self, transform: str = "none", severity: int = 0) -> Path:
+        """The dataset folder of a condition: the clean data, or one MVTec-Shift copy."""
+        if (transform, severity) == CLEAN or severity == 0:
+            return self.data_root
+        if self.shift_root is None:
+            raise ValueError("shift_root is not set in the parameters")
+        return self.shift_root / transform / f"severity={severity}" / f"seed={self.shift_seed}"
+
+
+def prepare_dataset(ctx: Context, synthetic_seed: int = 0, **synthetic_kw) -> Path:
+    """Make sure the profile's dataset exists: generate the synthetic one, or fetch MVTec AD."""
+    if ctx.dataset == "synthetic":
+        from data_prep import synthetic
+
+        missing = [c for c in ctx.categories if not (ctx.data_root / c / "train" / "good").is_dir()]
+        if missing:
+            synthetic.generate(ctx.data_root, seed=synthetic_seed, categories=tuple(missing), **synthetic_kw)
+    elif ctx.dataset == "mvtec":
+        from data_prep import mvtec
+
+        mvtec.prepare(ctx.data_root, categories=tuple(ctx.categories))
+    else:
+        raise ValueError(f"dataset must be 'synthetic' or 'mvtec', got {ctx.dataset!r}")
+    return ctx.data_root
+
+
+def rows_of(manifest: pd.DataFrame, ctx: Context, category: str | Sequence[str], split: str,
+            transform: str = "none", severity: int = 0) -> pd.DataFrame:
+    """Manifest rows of a split, pointing into the condition's folder, with label overrides of the shift."""
+    root = ctx.root_for(transform, severity)
+    overrides = None
+    if root != ctx.data_root:
+        from data_prep.shift import label_overrides
+
+        overrides = label_overrides(root)
+    rows = splits.select(manifest, root, category, split, label_overrides=overrides)
+    if split == "train" and ctx.n_train:
+        rows = rows.iloc[: int(ctx.n_train)]
+    return rows
+
+
+def fit_cached(method: str, settings: dict, train_paths: Sequence[Path], cache_dir: Path | None = None) -> Detector:
+    """Fit a detector, or load it when the same method, settings and training images were fitted before."""
+    key = cache_key(kind="model", method=method, settings=settings, files=[file_digest(p) for p in train_paths])
+    path = Path(cache_dir or CACHE / "models") / f"{method}-{key}.safetensors"
+    if path.is_file():
+        return load_detector(path)
+    detector = make_detector(method, **settings)
+    start = time.perf_counter()
+    detector.fit(list(train_paths))
+    detector.fit_seconds = time.perf_counter() - start
+    detector.save(path)
+    return detector
+
+
+def masks_for(rows: pd.DataFrame, image_size: int) -> np.ndarray | None:
+    """Binary masks at the model resolution; None when the category has no ground truth at all."""
+    if rows["mask"].eq("").all() and (rows["label"] == 1).any():
+        return None
+    return np.stack([load_mask(p, size=image_size) for p in rows["mask_path"]])
+
+
+def score(detector: Detector, rows: pd.DataFrame) -> Prediction:
+    return detector.predict(list(rows["image_path"]))
+
+
+def metric_row(rows: pd.DataFrame, prediction: Prediction, image_size: int) -> dict:
+    from helpers import metrics
+
+    labels = rows["label"].to_numpy()
+    masks = masks_for(rows, image_size)
+    return metrics.evaluate(labels, prediction.image_scores, masks,
+                            prediction.anomaly_maps if masks is not None else None)
+
+
+def evaluate_conditions(detector: Detector, manifest: pd.DataFrame, ctx: Context, category: str,
+                        conditions: Iterable[tuple[str, int]], split: str = "test", **labels) -> pd.DataFrame:
+    """One tidy row per condition: the given labels (method, seed, ...), the condition and every metric."""
+    out = []
+    for transform, severity in conditions:
+        rows = rows_of(manifest, ctx, category, split, transform, severity)
+        start = time.perf_counter()
+        prediction = score(detector, rows)
+        row = {**labels, "category": category, "transform": transform, "severity": severity, "split": split,
+               "n_images": len(rows), "n_anomalous": int(rows["label"].sum())}
+        row.update(metric_row(rows, prediction, ctx.image_size))
+        row["predict_s"] = time.perf_counter() - start
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def shift_conditions(transforms: Sequence[str], severities: Sequence[int], include_clean: bool = True):
+    conds = [CLEAN] if include_clean else []
+    return conds + [(t, int(s)) for t in transforms for s in severities]
