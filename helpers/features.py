@@ -60,7 +60,11 @@ def extract(paths: Sequence[str | Path], backbone: str, image_size: int, stages:
     folder = Path(cache_dir or CACHE / "features") / set_key(paths, backbone, image_size)
     missing = [s for s in stages if not (folder / f"{s}.npy").is_file()]
     if missing:
-        fresh = compute(paths, backbone, image_size, missing, device, batch_size, progress)
+        # One backbone pass also fills every other stage a method uses by default, so PatchCore and PaDiM
+        # never run the backbone twice over the same images.
+        shared = {st for method_stages in backbones.DEFAULT_STAGES.get(backbone, {}).values() for st in method_stages}
+        wanted = missing + sorted(st for st in shared if st not in missing and not (folder / f"{st}.npy").is_file())
+        fresh = compute(paths, backbone, image_size, wanted, device, batch_size, progress)
         folder.mkdir(parents=True, exist_ok=True)
         for stage, tensor in fresh.items():
             tmp = folder / f".{stage}.tmp.npy"
