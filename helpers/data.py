@@ -91,7 +91,7 @@ def load_image(path: str | Path, size: int | None = None) -> np.ndarray:
             rgb = im.convert("RGB")
     except FileNotFoundError:
         raise DatasetError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as exc:
         raise DatasetError(f"image {path} cannot be read ({exc})") from None
     if size is not None and rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.BILINEAR)
@@ -114,7 +114,7 @@ def load_mask(path: str | Path | None, shape: tuple[int, int] | None = None, siz
             grey = im.convert("L")
     except FileNotFoundError:
         raise DatasetError(f"mask {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as exc:
         raise DatasetError(f"mask {path} cannot be read ({exc})") from None
     if size is not None and grey.size != (size, size):
         grey = grey.resize((size, size), Image.NEAREST)

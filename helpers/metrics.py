@@ -242,3 +242,19 @@ def evaluate(labels, scores, masks=None, maps=None) -> dict:
     if masks.any():
         result.update(pixel_auroc=pixel_auroc(masks, maps), pixel_aupro=aupro(masks, maps))
     return result
+
+
+def bootstrap_auroc(labels, scores, n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of image AUROC, resampling images within each class (stratified)."""
+    labels, scores = _image_inputs(labels, scores)
+    _require_both_classes("labels", labels.astype(bool))
+    rng = np.random.default_rng(seed)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pos_draws = pos[rng.integers(0, len(pos), (n_resamples, len(pos)))]
+    neg_draws = neg[rng.integers(0, len(neg), (n_resamples, len(neg)))]
+    # Mann-Whitney form: P(pos > neg) + 0.5 P(pos == neg), over all pairs of each resample.
+    greater = (pos_draws[:, :, None] > neg_draws[:, None, :]).mean(axis=(1, 2))
+    ties = (pos_draws[:, :, None] == neg_draws[:, None, :]).mean(axis=(1, 2))
+    aucs = greater + 0.5 * ties
+    alpha = (1 - level) / 2
+    return float(np.quantile(aucs, alpha)), float(np.quantile(aucs, 1 - alpha))

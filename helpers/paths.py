@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 PROFILES = ROOT / "profiles"
 DATA = ROOT / "data"
-CACHE = ROOT / "cache"
+# Feature and model caches; STUDY_CACHE moves them (the smoke test keeps its own).
+CACHE = Path(os.environ.get("STUDY_CACHE", ROOT / "cache"))
 RUNS = ROOT / "runs"
 FIGURES = ROOT / "figures"
 

@@ -252,3 +252,16 @@ def test_evaluate_with_masks_agrees_with_the_single_metrics():
 def test_bad_inputs_raise_value_error_naming_the_argument(call, argument):
     with pytest.raises(ValueError, match=argument):
         call()
+
+
+def test_bootstrap_interval_brackets_the_auroc_and_narrows_with_more_data():
+    rng = np.random.default_rng(0)
+    small_labels = np.r_[np.zeros(20), np.ones(20)].astype(int)
+    small_scores = rng.normal(0, 1, 40) + small_labels
+    lo, hi = metrics.bootstrap_auroc(small_labels, small_scores, seed=1)
+    assert lo < metrics.image_auroc(small_labels, small_scores) < hi
+    big_labels = np.r_[np.zeros(200), np.ones(200)].astype(int)
+    big_scores = rng.normal(0, 1, 400) + big_labels
+    blo, bhi = metrics.bootstrap_auroc(big_labels, big_scores, seed=1)
+    assert (bhi - blo) < (hi - lo)
+    assert metrics.bootstrap_auroc(small_labels, small_scores, seed=1) == (lo, hi)
