@@ -31,6 +31,8 @@ class Detector(ABC):
     """Fit on normal images; predict image scores and anomaly maps; save; load."""
 
     method: str
+    # Settings that only change scoring, not the fitted state: changing them never requires a re-fit.
+    INFERENCE_SETTINGS: tuple[str, ...] = ()
 
     @abstractmethod
     def fit(self, images: Sequence[str | Path]) -> "Detector":
@@ -57,17 +59,21 @@ class Detector(ABC):
 METHODS = ("patchcore", "padim")
 
 
-def make_detector(method: str, **settings) -> Detector:
-    """Build an unfitted detector by name; ``settings`` are its constructor's keyword arguments."""
+def detector_class(method: str) -> type[Detector]:
     if method == "patchcore":
         from helpers.patchcore import PatchCore
 
-        return PatchCore(**settings)
+        return PatchCore
     if method == "padim":
         from helpers.padim import Padim
 
-        return Padim(**settings)
+        return Padim
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+def make_detector(method: str, **settings) -> Detector:
+    """Build an unfitted detector by name; ``settings`` are its constructor's keyword arguments."""
+    return detector_class(method)(**settings)
 
 
 def load_detector(path: str | Path) -> Detector:
@@ -78,4 +84,4 @@ def load_detector(path: str | Path) -> Detector:
         method = (f.metadata() or {}).get("method")
     if method not in METHODS:
         raise ValueError(f"{path}: not a saved detector (metadata method={method!r})")
-    return make_detector(method).__class__.load(path)
+    return detector_class(method).load(path)

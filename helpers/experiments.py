@@ -13,7 +13,7 @@ import pandas as pd
 
 from helpers import splits
 from helpers.data import load_mask
-from helpers.detector import Detector, Prediction, load_detector, make_detector
+from helpers.detector import Detector, Prediction, detector_class, load_detector, make_detector
 from helpers.features import file_digest
 from helpers.paths import CACHE, cache_key, resolve, result_path
 
@@ -100,16 +100,24 @@ def rows_of(manifest: pd.DataFrame, ctx: Context, category: str | Sequence[str],
 
 
 def fit_cached(method: str, settings: dict, train_paths: Sequence[Path], cache_dir: Path | None = None) -> Detector:
-    """Fit a detector, or load it when the same method, settings and training images were fitted before."""
-    key = cache_key(kind="model", method=method, settings=settings, files=[file_digest(p) for p in train_paths])
+    """Fit a detector, or load it when the same method, fit settings and training images were fitted before.
+
+    Settings the detector marks as inference-only (PatchCore's k) are left out of the key and applied after
+    loading, so sweeping them never re-fits.
+    """
+    inference_only = detector_class(method).INFERENCE_SETTINGS
+    fit_settings = {k: v for k, v in settings.items() if k not in inference_only}
+    key = cache_key(kind="model", method=method, settings=fit_settings, files=[file_digest(p) for p in train_paths])
     path = Path(cache_dir or CACHE / "models") / f"{method}-{key}.safetensors"
     if path.is_file():
-        return load_detector(path)
-    detector = make_detector(method, **settings)
-    start = time.perf_counter()
-    detector.fit(list(train_paths))
-    detector.fit_seconds = time.perf_counter() - start
-    detector.save(path)
+        detector = load_detector(path)
+    else:
+        detector = make_detector(method, **settings)
+        detector.fit(list(train_paths))
+        detector.save(path)
+    for name in inference_only:
+        if name in settings:
+            setattr(detector, name, settings[name])
     return detector
 
 
@@ -129,8 +137,11 @@ def metric_row(rows: pd.DataFrame, prediction: Prediction, image_size: int) -> d
 
     labels = rows["label"].to_numpy()
     masks = masks_for(rows, image_size)
-    return metrics.evaluate(labels, prediction.image_scores, masks,
-                            prediction.anomaly_maps if masks is not None else None)
+    row = metrics.evaluate(labels, prediction.image_scores, masks,
+                           prediction.anomaly_maps if masks is not None else None)
+    # Interval over the test sample itself: the part of the spread that seeds cannot show.
+    row["image_auroc_lo"], row["image_auroc_hi"] = metrics.bootstrap_auroc(labels, prediction.image_scores)
+    return row
 
 
 def evaluate_conditions(detector: Detector, manifest: pd.DataFrame, ctx: Context, category: str,
@@ -143,7 +154,7 @@ def evaluate_conditions(detector: Detector, manifest: pd.DataFrame, ctx: Context
         prediction = score(detector, rows)
         row = {**labels, "category": category, "transform": transform, "severity": severity, "split": split,
                "n_images": len(rows), "n_anomalous": int(rows["label"].sum())}
-        row.update(metric_row(rows, prediction, ctx.image_size))
+        row.update(metric_row(rows, prediction, prediction.anomaly_maps.shape[-1]))
         row["predict_s"] = time.perf_counter() - start
         out.append(row)
     return pd.DataFrame(out)
@@ -152,3 +163,98 @@ def evaluate_conditions(detector: Detector, manifest: pd.DataFrame, ctx: Context
 def shift_conditions(transforms: Sequence[str], severities: Sequence[int], include_clean: bool = True):
     conds = [CLEAN] if include_clean else []
     return conds + [(t, int(s)) for t in transforms for s in severities]
+
+
+METRICS = ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_aupro"]
+
+
+def train_paths(manifest: pd.DataFrame, ctx: Context, category: str | Sequence[str],
+                transform: str = "none", severity: int = 0) -> list[Path]:
+    return list(rows_of(manifest, ctx, category, "train", transform, severity)["image_path"])
+
+
+def run_method(method: str, settings: dict, ctx: Context, manifest: pd.DataFrame,
+               conditions: Sequence[tuple[str, int]], seeds: Sequence[int] | None = None,
+               split: str = "test", progress: bool = True) -> pd.DataFrame:
+    """Fit on clean train normals per (seed, category), evaluate every condition: the tidy shift-drop table."""
+    from tqdm.auto import tqdm
+
+    tables = []
+    jobs = [(seed, cat) for seed in (seeds or ctx.seeds) for cat in ctx.categories]
+    for seed, category in tqdm(jobs, desc=f"{method} fit+evaluate", disable=not progress):
+        full = {**settings, "seed": int(seed)}
+        detector = fit_cached(method, full, train_paths(manifest, ctx, category))
+        tables.append(evaluate_conditions(detector, manifest, ctx, category, conditions, split,
+                                          method=method, seed=int(seed), backbone=full.get("backbone"),
+                                          image_size=full.get("image_size")))
+    return pd.concat(tables, ignore_index=True)
+
+
+def sweep(method: str, base: dict, grid: Sequence[dict], ctx: Context, manifest: pd.DataFrame,
+          conditions: Sequence[tuple[str, int]], seed: int = 0, progress: bool = True) -> pd.DataFrame:
+    """Evaluate each override of ``base`` (e.g. ``{"k": 3}``) on each category and condition.
+
+    Rows carry ``param`` and ``value`` so one table holds every swept hyperparameter.
+    """
+    from tqdm.auto import tqdm
+
+    tables = []
+    jobs = [(override, cat) for override in grid for cat in ctx.categories]
+    for override, category in tqdm(jobs, desc=f"{method} sweep", disable=not progress):
+        detector = fit_cached(method, {**base, **override, "seed": int(seed)}, train_paths(manifest, ctx, category))
+        param, value = "+".join(override), "/".join(_label(v) for v in override.values())
+        tables.append(evaluate_conditions(detector, manifest, ctx, category, conditions, method=method,
+                                          seed=int(seed), param=param, value=value))
+    return pd.concat(tables, ignore_index=True)
+
+
+def _label(value) -> str:
+    return "+".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def clean_per_transform(df: pd.DataFrame) -> pd.DataFrame:
+    """Repeat the clean rows as severity 0 of every transform, so each curve starts at the clean value."""
+    clean = df[df["transform"] == "none"]
+    shifted = df[df["transform"] != "none"]
+    copies = [clean.assign(transform=t) for t in sorted(shifted["transform"].unique())]
+    return pd.concat([shifted, *copies], ignore_index=True)
+
+
+def summarise(df: pd.DataFrame, by: Sequence[str], metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """Mean and standard deviation over seeds, as ``metric`` and ``metric_sd`` columns."""
+    present = [m for m in metrics if m in df.columns and df[m].notna().any()]
+    grouped = df.groupby(list(by))[present]
+    out = grouped.mean().join(grouped.std(ddof=1).add_suffix("_sd")).reset_index()
+    out["n_seeds"] = df.groupby(list(by)).size().to_numpy()
+    return out
+
+
+def example_cases(rows: pd.DataFrame, prediction: Prediction, threshold: float, per_kind: int = 2) -> list[int]:
+    """Indices of correctly passed normals, detected and missed anomalies (false alarms if nothing is missed)."""
+    scores = prediction.image_scores
+    flagged = scores >= threshold
+    labels = rows["label"].to_numpy()
+    kinds = [(labels == 0) & ~flagged, (labels == 1) & flagged, (labels == 1) & ~flagged]
+    if not kinds[2].any():
+        kinds[2] = (labels == 0) & flagged
+    picked = []
+    for kind in kinds:
+        idx = np.flatnonzero(kind)
+        # The most telling cases: highest-scoring detections, closest misses.
+        order = idx[np.argsort(-scores[idx])]
+        picked.extend(order[:per_kind].tolist())
+    return picked
+
+
+def stage_options(backbone: str, method: str) -> list[tuple[str, ...]]:
+    """The method's default stages first, then alternatives drawn from the stages the feature cache holds."""
+    from helpers.backbones import DEFAULT_STAGES
+
+    default = DEFAULT_STAGES[backbone][method]
+    cached = sorted({s for st in DEFAULT_STAGES[backbone].values() for s in st},
+                    key=lambda s: list(DEFAULT_STAGES[backbone]["padim"]).index(s))
+    if method == "patchcore":  # single stages and the shallower pair
+        options = [(cached[1],), (cached[2],), (cached[0], cached[1])]
+    else:  # drop the deepest or the shallowest stage
+        options = [tuple(cached[:2]), tuple(cached[1:])]
+    return [default] + [o for o in options if o != default]

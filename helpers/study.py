@@ -88,10 +88,9 @@ def run(profile_name: str, only: list[str] | None = None, force: bool = False, l
     return executed
 
 
-def timings(profile_name: str) -> dict[str, float]:
-    """Seconds each notebook took in its last successful run (for the report)."""
-    profile = load_profile(profile_name)
-    state_dir = resolve(profile.out_dir) / ".state"
+def timings(out_dir: str | Path) -> dict[str, float]:
+    """Seconds each notebook took in its last successful run under ``out_dir`` (for the report)."""
+    state_dir = resolve(out_dir) / ".state"
     return {p.stem: json.loads(p.read_text())["seconds"] for p in sorted(state_dir.glob("*.json"))}
 
 

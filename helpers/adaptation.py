@@ -1,0 +1,90 @@
+"""Threshold adaptation under shift: score the validation and test splits of every regime and tabulate them.
+
+Regimes, all evaluated on the shifted test split: ``none`` (clean model, clean-val threshold),
+``threshold_only`` (clean model, shifted-val threshold), ``full`` (model re-fitted on shifted normals,
+shifted-val threshold); ``clean`` (clean model on clean data) is the reference the drop is measured from.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from helpers import experiments, thresholds
+from helpers.detector import Detector
+from helpers.thresholds import ScoreSet
+
+
+def score_set(detector: Detector, rows: pd.DataFrame) -> ScoreSet:
+    prediction = experiments.score(detector, rows)
+    masks = experiments.masks_for(rows, prediction.anomaly_maps.shape[-1])
+    return ScoreSet(rows["label"].to_numpy(), prediction.image_scores, masks,
+                    prediction.anomaly_maps if masks is not None else None)
+
+
+def regimes_for(method: str, settings: dict, ctx: experiments.Context, manifest: pd.DataFrame, category: str,
+                transform: str, severity: int) -> dict[str, tuple[ScoreSet, ScoreSet]]:
+    """(validation, test) score sets of each regime for one category and shifted condition."""
+    clean_model = experiments.fit_cached(method, settings, experiments.train_paths(manifest, ctx, category))
+    shifted_model = experiments.fit_cached(
+        method, settings, experiments.train_paths(manifest, ctx, category, transform, severity))
+
+    def scored(model, split, t="none", s=0):
+        return score_set(model, experiments.rows_of(manifest, ctx, category, split, t, s))
+
+    clean_val, clean_test = scored(clean_model, "val"), scored(clean_model, "test")
+    shifted_val, shifted_test = scored(clean_model, "val", transform, severity), scored(clean_model, "test", transform, severity)
+    refit_val, refit_test = scored(shifted_model, "val", transform, severity), scored(shifted_model, "test", transform, severity)
+    return {"clean": (clean_val, clean_test), "none": (clean_val, shifted_test),
+            "threshold_only": (shifted_val, shifted_test), "full": (refit_val, refit_test)}
+
+
+def run(methods: dict[str, dict], ctx: experiments.Context, manifest: pd.DataFrame,
+        conditions: Sequence[tuple[str, int]], policies: Sequence[str], seed: int = 0,
+        recovery_n: Sequence[int] = (2, 4, 8, 16), recovery_n_anomalous: Sequence[int] = (0, 1, 2, 4),
+        recovery_repeats: int = 20) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The regime table (one row per method, category, condition, regime, policy) and the recovery curves."""
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    regime_tables, curves = [], []
+    jobs = [(m, c, t, s) for m in methods for c in ctx.categories for t, s in conditions]
+    for method, category, transform, severity in tqdm(jobs, desc="threshold regimes"):
+        labels = dict(method=method, category=category, transform=transform, severity=severity, seed=seed)
+        regimes = regimes_for(method, {**methods[method], "seed": seed}, ctx, manifest, category, transform, severity)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # fallbacks are recorded in each row's note
+            table = thresholds.regime_rows(regimes, policies)
+            for policy in ("f1_optimal", "normal_percentile"):
+                val, test = regimes["threshold_only"]
+                curve = thresholds.recovery_curve(val.labels, val.scores, test.labels, test.scores,
+                                                  [n for n in recovery_n if n <= len(val.labels)],
+                                                  recovery_n_anomalous, policy, repeats=recovery_repeats, seed=seed)
+                curves.append(curve.assign(policy=policy, **labels))
+        regime_tables.append(table.assign(**labels))
+    return pd.concat(regime_tables, ignore_index=True), pd.concat(curves, ignore_index=True)
+
+
+def recovery_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per method, condition and policy: F1 of each regime and the share of the drop recalibration recovers."""
+    keys = ["method", "category", "transform", "severity", "policy"]
+    wide = table.pivot_table(index=keys, columns="regime", values="f1").reset_index()
+    wide["recovered_threshold_only"] = [
+        thresholds.recovered_fraction(r.clean, r.none, r.threshold_only) for r in wide.itertuples()]
+    wide["recovered_full"] = [thresholds.recovered_fraction(r.clean, r.none, r.full) for r in wide.itertuples()]
+    return wide
+
+
+def images_needed_table(curves: pd.DataFrame, table: pd.DataFrame, tolerance: float = 0.02) -> pd.DataFrame:
+    """Smallest validation set (n, of which anomalous) whose median test F1 reaches the full-validation F1."""
+    rows = []
+    keys = ["method", "category", "transform", "severity", "policy"]
+    for key, curve in curves.groupby(keys):
+        match = table[(table[keys] == pd.Series(key, index=keys)).all(axis=1) & (table.regime == "threshold_only")]
+        target = float(match.f1.iloc[0]) if len(match) else np.nan
+        needed = thresholds.images_needed(curve, target, tolerance=tolerance)
+        rows.append({**dict(zip(keys, key)), "target_f1": target,
+                     "n_needed": needed[0] if needed else None, "n_anomalous_needed": needed[1] if needed else None})
+    return pd.DataFrame(rows)

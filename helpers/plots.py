@@ -1,0 +1,240 @@
+"""One figure style for the whole study, saving to PNG and PDF with a caption index, and the few plot types
+the notebooks share (image grids with mask outlines, anomaly maps, metric-vs-severity curves, heat maps).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from helpers.data import load_image, load_mask
+
+# Markers and dashes carry the method/condition as well as colour, so figures survive greyscale print.
+METHOD_STYLE = {"patchcore": {"marker": "o", "linestyle": "-"}, "padim": {"marker": "s", "linestyle": "--"}}
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p", "8"]
+DASHES = ["", (4, 2), (1, 1), (4, 1, 1, 1), (6, 2, 2, 2), (2, 2)]
+CAPTIONS = "captions.json"
+
+
+def set_style() -> None:
+    sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=1.1)
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 160, "savefig.bbox": "tight",
+                         "axes.titleweight": "bold", "legend.frameon": False})
+
+
+def save_figure(fig: plt.Figure, name: str, figures_dir: str | Path, caption: str) -> Path:
+    """Write ``<name>.png`` and ``<name>.pdf`` and record the caption in ``captions.json`` beside them."""
+    folder = Path(figures_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "pdf"):
+        tmp = folder / f".{name}.tmp.{ext}"
+        fig.savefig(tmp, format=ext)
+        tmp.replace(folder / f"{name}.{ext}")
+    index_path = folder / CAPTIONS
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    index[name] = caption
+    tmp = folder / f".{CAPTIONS}.tmp"
+    tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
+    tmp.replace(index_path)
+    return folder / f"{name}.png"
+
+
+def outline(ax: plt.Axes, mask: np.ndarray, color: str = "red") -> None:
+    if mask is not None and mask.any():
+        ax.contour(mask.astype(float), levels=[0.5], colors=color, linewidths=1.0)
+
+
+def image_grid(rows: pd.DataFrame, image_size: int, title_col: str = "defect_type", ncols: int = 6,
+               suptitle: str | None = None) -> plt.Figure:
+    """Images of the given manifest rows with their ground-truth masks outlined."""
+    n = len(rows)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.0 * ncols, 2.1 * nrows), squeeze=False)
+    for ax, (_, r) in zip(axes.flat, rows.iterrows()):
+        ax.imshow(load_image(r["image_path"], size=image_size))
+        if r.get("mask_path") is not None:
+            outline(ax, load_mask(r["mask_path"], size=image_size))
+        ax.set_title(str(r[title_col]), fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def anomaly_map_grid(rows: pd.DataFrame, maps: np.ndarray, scores: np.ndarray, image_size: int,
+                     threshold: float | None = None, suptitle: str | None = None) -> plt.Figure:
+    """Each image beside its anomaly map overlay; masks outlined; title gives label and score."""
+    n = len(rows)
+    fig, axes = plt.subplots(2, n, figsize=(2.0 * n, 4.3), squeeze=False)
+    vmax = float(np.percentile(maps, 99.5)) if maps.size else 1.0
+    vmin = float(np.percentile(maps, 1))
+    for i, (_, r) in enumerate(rows.iterrows()):
+        img = load_image(r["image_path"], size=image_size)
+        mask = load_mask(r["mask_path"], size=image_size) if r.get("mask_path") is not None else None
+        axes[0, i].imshow(img)
+        outline(axes[0, i], mask)
+        verdict = ""
+        if threshold is not None:
+            flagged = scores[i] >= threshold
+            verdict = {(1, True): "detected", (1, False): "missed", (0, True): "false alarm",
+                       (0, False): "good"}[(int(r["label"]), bool(flagged))]
+        axes[0, i].set_title(f"{r['defect_type']}\n{verdict}", fontsize=8)
+        axes[1, i].imshow(img, alpha=1.0)
+        axes[1, i].imshow(maps[i], cmap="inferno", alpha=0.6, vmin=vmin, vmax=vmax)
+        outline(axes[1, i], mask, color="cyan")
+        axes[1, i].set_title(f"score {scores[i]:.2f}", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def metric_vs_severity(df: pd.DataFrame, metric: str, hue: str = "transform", col: str = "category",
+                       style: str | None = None, title: str | None = None) -> sns.FacetGrid:
+    """Line plot of a metric against shift severity (0 = clean), one panel per ``col``."""
+    g = sns.relplot(data=df, x="severity", y=metric, hue=hue, style=style or hue, col=col, kind="line",
+                    markers=True, dashes=True, errorbar="sd", height=2.8, aspect=1.0,
+                    facet_kws={"sharey": True})
+    g.set_axis_labels("shift severity (0 = clean)", metric.replace("_", " "))
+    if title:
+        g.figure.suptitle(title, y=1.03)
+    return g
+
+
+def heatmap(table: pd.DataFrame, title: str, fmt: str = ".2f", cmap: str = "viridis",
+            xlabel: str = "", ylabel: str = "", vmin=None, vmax=None) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * table.shape[1], 0.8 + 0.5 * table.shape[0]))
+    sns.heatmap(table, annot=True, fmt=fmt, cmap=cmap, ax=ax, vmin=vmin, vmax=vmax, cbar_kws={"shrink": 0.8})
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    return fig
+
+
+def count_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Images per category, split and defect type (a pivot for display)."""
+    counts = manifest.groupby(["category", "defect_type", "split"]).size().unstack("split", fill_value=0)
+    return counts.reindex(columns=[c for c in ("train", "calib", "val", "test") if c in counts.columns])
+
+
+def pick_examples(rows: pd.DataFrame, per_type: int = 1, seed: int = 0) -> pd.DataFrame:
+    """A few rows per defect type, deterministic."""
+    return (rows.groupby("defect_type", group_keys=False)
+            .apply(lambda g: g.sample(min(per_type, len(g)), random_state=seed), include_groups=True)
+            .reset_index(drop=True))
+
+
+def shift_grid(src: str | Path, category: str, transforms: Sequence[str], severities: Sequence[int],
+               seed: int, image_size: int) -> plt.Figure:
+    """One defective image under every transform (rows) and severity (columns), its moved mask outlined."""
+    from data_prep import shift
+    from helpers.data import list_samples
+
+    sample = next(s for s in list_samples(src, category) if s.label == 1 and s.mask_path is not None)
+    image, mask = load_image(sample.image_path, size=image_size), load_mask(sample.mask_path, size=image_size)
+    fig, axes = plt.subplots(len(transforms), len(severities),
+                             figsize=(1.5 * len(severities), 1.5 * len(transforms)), squeeze=False)
+    for i, transform in enumerate(transforms):
+        for j, severity in enumerate(severities):
+            rng = shift.sample_rng(seed, transform, severity, sample.key)
+            shifted, moved, _, _ = shift.apply(image, mask, transform, severity, rng)
+            ax = axes[i, j]
+            ax.imshow(shifted)
+            outline(ax, moved)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"severity {severity}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(transform, fontsize=8)
+    fig.suptitle(f"{category}: {sample.defect_type}")
+    fig.tight_layout()
+    return fig
+
+
+def sweep_panels(df: pd.DataFrame, metric: str, title: str | None = None) -> plt.Figure:
+    """One panel per swept hyperparameter: the metric per value, solid for clean, dashed for shifted."""
+    params = list(dict.fromkeys(df["param"]))
+    fig, axes = plt.subplots(1, len(params), figsize=(3.0 * len(params), 3.0), squeeze=False, sharey=True)
+    conditions = list(dict.fromkeys(zip(df["transform"], df["severity"])))
+    for ax, param in zip(axes.flat, params):
+        sub = df[df["param"] == param]
+        values = list(dict.fromkeys(sub["value"]))
+        for ci, category in enumerate(sorted(sub["category"].unique())):
+            for di, (transform, severity) in enumerate(conditions):
+                part = sub[(sub["category"] == category) & (sub["transform"] == transform) & (sub["severity"] == severity)]
+                y = part.groupby("value")[metric].mean().reindex(values)
+                label = f"{category}, {'clean' if transform == 'none' else f'{transform} {severity}'}"
+                ax.plot(range(len(values)), y.to_numpy(), marker=MARKERS[ci % len(MARKERS)],
+                        linestyle="-" if di == 0 else "--", color=f"C{ci}", label=label)
+        ax.set_xticks(range(len(values)), values, rotation=30, fontsize=8)
+        ax.set_xlabel(param)
+    axes.flat[0].set_ylabel(metric.replace("_", " "))
+    axes.flat[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def regime_bars(table: pd.DataFrame, policy: str, metric: str = "f1", title: str | None = None) -> plt.Figure:
+    """Bars of a metric per shift and regime, one panel per method; hatching tells regimes apart in greyscale."""
+    data = table[table["policy"] == policy].copy()
+    data["shift"] = data["transform"] + " " + data["severity"].astype(str)
+    methods = list(dict.fromkeys(data["method"]))
+    regimes = [r for r in ("none", "threshold_only", "full") if r in set(data["regime"])]
+    shifts = list(dict.fromkeys(data["shift"]))
+    fig, axes = plt.subplots(1, len(methods), figsize=(1.2 + 1.1 * len(shifts) * len(methods), 3.2),
+                             squeeze=False, sharey=True)
+    hatches = ["", "//", ".."]
+    width = 0.8 / len(regimes)
+    for ax, method in zip(axes.flat, methods):
+        sub = data[data["method"] == method]
+        for ri, regime in enumerate(regimes):
+            y = sub[sub["regime"] == regime].groupby("shift")[metric].mean().reindex(shifts)
+            ax.bar(np.arange(len(shifts)) + (ri - (len(regimes) - 1) / 2) * width, y.to_numpy(), width,
+                   label=regime.replace("_", " "), hatch=hatches[ri % 3], color=f"C{ri}", edgecolor="black")
+        clean = sub[sub["regime"] == "clean"].groupby("shift")[metric].mean().reindex(shifts)
+        if clean.notna().any():
+            ax.hlines(clean.to_numpy(), np.arange(len(shifts)) - 0.45, np.arange(len(shifts)) + 0.45,
+                      colors="black", linewidth=2, label="clean")
+        ax.set_xticks(range(len(shifts)), shifts, rotation=30, fontsize=8)
+        ax.set_title(method)
+    axes.flat[0].set_ylabel(f"image {metric}")
+    axes.flat[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def baseline_bars(clean: pd.DataFrame, metrics: Sequence[str]) -> plt.Figure:
+    """Grouped bars per category and method for each metric, error bars = sd over seeds; hatched per method."""
+    present = [m for m in metrics if m in clean and clean[m].notna().any()]
+    fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 3.0), squeeze=False, sharey=True)
+    methods = sorted(clean["method"].unique())
+    cats = sorted(clean["category"].unique())
+    width = 0.8 / len(methods)
+    for ax, metric in zip(axes.flat, present):
+        for mi, method in enumerate(methods):
+            g = clean[clean["method"] == method].groupby("category")[metric]
+            ax.bar(np.arange(len(cats)) + (mi - (len(methods) - 1) / 2) * width, g.mean().reindex(cats).to_numpy(),
+                   width, yerr=g.std(ddof=1).reindex(cats).fillna(0).to_numpy(), capsize=3, label=method,
+                   color=f"C{mi}", hatch=["", "//", ".."][mi % 3], edgecolor="black")
+        ax.set_xticks(range(len(cats)), cats)
+        ax.set_title(metric.replace("_", " "))
+        ax.set_ylim(0.4, 1.02)
+    axes.flat[0].set_ylabel("score")
+    axes.flat[-1].legend(loc="lower right")
+    fig.tight_layout()
+    return fig
