@@ -392,14 +392,22 @@ def _one_torch_thread():
 
 
 def shift_dataset(src: str | Path, dst: str | Path, transform: str, severity: int, seed: int,
-                  categories: list[str] | None = None, overwrite: bool = False, progress: bool = True) -> Path:
-    """Write a shifted MVTec-layout copy of ``src`` at ``dst`` (every train and test image) plus its manifest."""
+                  categories: list[str] | None = None, overwrite: bool = False, progress: bool = True,
+                  parts: tuple[str, ...] = ("train", "test")) -> Path:
+    """Write a shifted MVTec-layout copy of ``src`` at ``dst`` plus its manifest.
+
+    ``parts`` chooses the MVTec folders to shift: a test-only copy serves evaluation; the training images are
+    only needed where a model is re-fitted on shifted normals. Per-image draws do not depend on ``parts``.
+    """
     check_transform(transform, severity)
+    unknown = set(parts) - {"train", "test"}
+    if unknown or not parts:
+        raise ValueError(f"parts must be a non-empty subset of ('train', 'test'), got {parts}")
     src, dst = Path(src), Path(dst)
     _check_locations(src, dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass overwrite=True (CLI: --overwrite) to rebuild it")
-    samples = [s for c in _resolve_categories(src, categories) for s in list_samples(src, c)]
+    samples = [s for c in _resolve_categories(src, categories) for s in list_samples(src, c) if s.split in parts]
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)  # left over by an interrupted run
@@ -528,3 +536,28 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def build_conditions(src: str | Path, dst_root: str | Path, needs: dict[tuple[str, int], set[str]], seed: int,
+                     categories: list[str] | None = None) -> list[Path]:
+    """Build each (transform, severity) copy with the MVTec folders it needs (``{"test"}`` or ``{"train", "test"}``).
+
+    A copy that already holds those folders for those categories is kept; one that lacks a folder is rebuilt
+    with the union, so asking for training images later never leaves a mixed copy.
+    """
+    cats = _resolve_categories(Path(src), categories)
+    for transform, severity in needs:
+        check_transform(transform, severity)
+    paths = []
+    for (transform, severity), parts in tqdm(sorted(needs.items()), desc="shift conditions", unit="dataset"):
+        dst = family_path(dst_root, transform, severity, seed)
+        have = read_manifest(dst)
+        wanted = set(parts)
+        if have is not None and _is_complete(dst, transform, severity, seed, cats):
+            if wanted <= set(have["split"]):
+                paths.append(dst)
+                continue
+            wanted |= set(have["split"])
+        paths.append(shift_dataset(src, dst, transform, severity, seed, cats, overwrite=True, progress=False,
+                                   parts=tuple(sorted(wanted, reverse=True))))
+    return paths

@@ -48,8 +48,8 @@ class Context:
                    shift_seed=int(p.get("shift_seed", 0)), device=p.get("device", "auto"),
                    n_train=p.get("n_train"))
 
-    def table(self, name: str, **params) -> Path:
-        return result_path(self.out_dir, name, **params)
+    def table(self, name: str, filename: str = "results.csv", **params) -> Path:
+        return result_path(self.out_dir, name, filename, **params)
 
     @property
     def manifest_path(self) -> Path:
@@ -64,7 +64,9 @@ class Context:
             return self.data_root
         if self.shift_root is None:
             raise ValueError("shift_root is not set in the parameters")
-        return self.shift_root / transform / f"severity={severity}" / f"seed={self.shift_seed}"
+        from data_prep.shift import family_path
+
+        return family_path(self.shift_root, transform, severity, self.shift_seed)
 
 
 def prepare_dataset(ctx: Context, synthetic_seed: int = 0, **synthetic_kw) -> Path:

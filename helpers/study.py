@@ -78,7 +78,7 @@ def run(profile_name: str, only: list[str] | None = None, force: bool = False, l
             pm.execute_notebook(str(nb), str(out), parameters=params, cwd=str(ROOT), kernel_name="python3",
                                 progress_bar=False, log_output=False)
         except pm.PapermillExecutionError as exc:
-            raise NotebookFailed(f"{nb.name} failed in cell {exc.exec_count} ({exc.ename}: {exc.evalue}); "
+            raise NotebookFailed(f"{nb.name} failed in {_failed_cell(out)} ({exc.ename}: {exc.evalue}); "
                                  f"the executed copy with the traceback is {out}") from None
         seconds = time.perf_counter() - start
         state.write_text(json.dumps({"fingerprint": fp, "seconds": round(seconds, 1),
@@ -86,6 +86,20 @@ def run(profile_name: str, only: list[str] | None = None, force: bool = False, l
         log(f"[study] {nb.name}: done in {seconds:.0f} s -> {out.relative_to(ROOT)}")
         executed.append(out)
     return executed
+
+
+def _failed_cell(executed: Path) -> str:
+    """'cell N: <first line>' numbered as in the source notebook (papermill's injected cell not counted)."""
+    import nbformat
+
+    nb = nbformat.read(executed, as_version=4)
+    added = {"injected-parameters", "papermill-error-cell-tag"}  # cells papermill adds to the copy
+    cells = [c for c in nb.cells if not added & set(c.metadata.get("tags", []))]
+    for number, cell in enumerate(cells, start=1):
+        if cell.cell_type == "code" and any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+            first = next((line for line in cell.source.splitlines() if line.strip()), "")
+            return f"cell {number}: `{first[:60]}`"
+    return "an unknown cell"
 
 
 def timings(out_dir: str | Path) -> dict[str, float]:

@@ -86,6 +86,6 @@ def test_a_failing_notebook_is_named_with_its_cell(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "NOTEBOOKS", folder)
     monkeypatch.setattr(study, "notebooks", lambda folder=folder: sorted(folder.glob("[0-9][0-9]_*.ipynb")))
     profile = _smoke_profile(tmp_path)
-    with pytest.raises(study.NotebookFailed, match=r"00_broken.ipynb failed in cell 2 \(ValueError: boom\)"):
+    with pytest.raises(study.NotebookFailed, match=r"00_broken.ipynb failed in cell 3: `raise ValueError\('boom'\)` \(ValueError: boom\)"):
         study.run(str(profile), log=lambda *_: None)
     assert not list((tmp_path / "run" / ".state").glob("*.json")), "a failed notebook must not be marked done"

@@ -277,3 +277,26 @@ def test_cli_errors_name_the_parameter(tiny_mvtec, tmp_path, capsys, args, messa
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_build_conditions_shifts_only_the_folders_asked_for_and_upgrades_in_place(tiny_mvtec, tmp_path):
+    import hashlib
+
+    from data_prep.shift import build_conditions, family_path, read_manifest
+
+    dst_root = tmp_path / "family"
+    [test_only] = build_conditions(tiny_mvtec, dst_root, {("brightness", 3): {"test"}}, seed=0)
+    assert set(read_manifest(test_only)["split"]) == {"test"}
+    assert not list((test_only / "alpha" / "train").rglob("*.png"))
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    test_files = {p.relative_to(test_only): digest(p) for p in (test_only / "alpha" / "test").rglob("*.png")}
+
+    [both] = build_conditions(tiny_mvtec, dst_root, {("brightness", 3): {"train", "test"}}, seed=0)
+    assert both == family_path(dst_root, "brightness", 3, 0)
+    assert set(read_manifest(both)["split"]) == {"train", "test"}
+    assert len(list((both / "alpha" / "train" / "good").glob("*.png"))) == 12
+    # The per-image draws do not depend on which folders were shifted.
+    assert test_files == {p.relative_to(both): digest(p) for p in (both / "alpha" / "test").rglob("*.png")}
+    mtime = (both / "shift_manifest.csv").stat().st_mtime_ns
+    build_conditions(tiny_mvtec, dst_root, {("brightness", 3): {"test"}}, seed=0)
+    assert (both / "shift_manifest.csv").stat().st_mtime_ns == mtime, "a complete copy must be kept"

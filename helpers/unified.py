@@ -1,0 +1,101 @@
+"""The unified setting: one model fitted on the pooled normals of every category, judged against per-category
+models, with per-category thresholds (model-unified) or one global threshold (absolute-unified), and the
+measurements behind the "identical shortcut" question (cross-category thresholds, nearest-neighbour
+provenance for PatchCore, covariance widening for PaDiM).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from helpers import experiments, metrics, thresholds
+from helpers.adaptation import score_set
+from helpers.detector import Detector
+from helpers.thresholds import ScoreSet
+
+
+def fit_models(method: str, settings: dict, ctx: experiments.Context, manifest: pd.DataFrame
+               ) -> tuple[Detector, dict[str, Detector]]:
+    """The pooled model and one model per category, all through the model cache."""
+    unified = experiments.fit_cached(method, settings, experiments.train_paths(manifest, ctx, ctx.categories))
+    per_category = {c: experiments.fit_cached(method, settings, experiments.train_paths(manifest, ctx, c))
+                    for c in ctx.categories}
+    return unified, per_category
+
+
+def score_by_category(model_for, ctx: experiments.Context, manifest: pd.DataFrame, split: str) -> dict[str, ScoreSet]:
+    """``model_for(category)`` gives the model that scores that category's images."""
+    return {c: score_set(model_for(c), experiments.rows_of(manifest, ctx, c, split)) for c in ctx.categories}
+
+
+def _pool(sets: Sequence[ScoreSet]) -> ScoreSet:
+    masks = None if any(s.masks is None for s in sets) else np.concatenate([s.masks for s in sets])
+    maps = None if masks is None else np.concatenate([s.maps for s in sets])
+    return ScoreSet(np.concatenate([s.labels for s in sets]), np.concatenate([s.scores for s in sets]), masks, maps)
+
+
+def comparison_table(per_cat_val, per_cat_test, uni_val, uni_test, policy: str = "f1_optimal") -> pd.DataFrame:
+    """Per category: threshold-free metrics and metrics at the threshold for the three settings."""
+    global_threshold = thresholds.fit_threshold(policy, *_pool(list(uni_val.values()))[:2])
+    rows = []
+    for category in per_cat_test:
+        settings = {
+            "per_category": (per_cat_val[category], per_cat_test[category], None),
+            "model_unified": (uni_val[category], uni_test[category], None),
+            "absolute_unified": (uni_val[category], uni_test[category], global_threshold),
+        }
+        for setting, (val, test, fixed) in settings.items():
+            threshold = fixed or thresholds.fit_threshold(policy, val.labels, val.scores)
+            row = {"category": category, "setting": setting, "policy": policy, "threshold": threshold.value}
+            row.update(metrics.evaluate(test.labels, test.scores, test.masks, test.maps))
+            row.update({k: v for k, v in metrics.at_threshold(test.labels, test.scores, threshold.value).items()
+                        if k in ("precision", "recall", "f1", "fpr")})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fpr_matrix(uni_val: dict[str, ScoreSet], uni_test: dict[str, ScoreSet], policy: str = "f1_optimal") -> pd.DataFrame:
+    """False-positive rate of category A's normal test images judged with category B's threshold (unified model)."""
+    cat_thresholds = {c: thresholds.fit_threshold(policy, s.labels, s.scores).value for c, s in uni_val.items()}
+    rows = []
+    for normal_of, test in uni_test.items():
+        normal_scores = test.scores[test.labels == 0]
+        for threshold_of, value in cat_thresholds.items():
+            rows.append({"normal_of": normal_of, "threshold_of": threshold_of, "threshold": value,
+                         "fpr": float(np.mean(normal_scores >= value)), "n_normal": len(normal_scores)})
+    return pd.DataFrame(rows)
+
+
+def score_distributions(per_cat_test: dict[str, ScoreSet], uni_test: dict[str, ScoreSet]) -> pd.DataFrame:
+    """Long table of image scores (category, setting, label, score) for overlaid distributions."""
+    rows = []
+    for setting, sets in (("per_category", per_cat_test), ("unified", uni_test)):
+        for category, s in sets.items():
+            rows += [{"category": category, "setting": setting, "label": int(lab), "score": float(sc)}
+                     for lab, sc in zip(s.labels, s.scores)]
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def covariance_widening(unified, per_category: dict) -> pd.DataFrame:
+    """PaDiM: how much wider the pooled per-position Gaussian is than each category's own.
+
+    trace_ratio is the mean over positions of tr(Σ_pooled) / tr(Σ_category); logdet_diff the mean difference
+    of log-determinants (nats). Both are computed from anomalib's stored inverse covariances.
+    """
+    def covariances(model):
+        return torch.linalg.inv(model.model.gaussian.inv_covariance.double())
+
+    pooled = covariances(unified)
+    pooled_trace = torch.diagonal(pooled, dim1=-2, dim2=-1).sum(-1)
+    pooled_logdet = torch.linalg.slogdet(pooled).logabsdet
+    rows = []
+    for category, model in per_category.items():
+        own = covariances(model)
+        own_trace = torch.diagonal(own, dim1=-2, dim2=-1).sum(-1)
+        rows.append({"category": category, "trace_ratio": float((pooled_trace / own_trace).mean()),
+                     "logdet_diff": float((pooled_logdet - torch.linalg.slogdet(own).logabsdet).mean())})
+    return pd.DataFrame(rows)
