@@ -1,0 +1,140 @@
+"""PaDiM as anomalib implements it (``PadimModel``), behind the study's :class:`~helpers.detector.Detector` API."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import anomalib
+import numpy as np
+import torch
+from anomalib.models.image.padim.torch_model import PadimModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from helpers import backbones, features
+from helpers.detector import Detector, Prediction
+
+
+class Padim(Detector):
+    """anomalib's PaDiM model, fed with backbone features from the on-disk cache instead of its own extractor."""
+
+    method = "padim"
+
+    def __init__(self, backbone: str = "efficientnet_lite0", stages: Sequence[str] | None = None,
+                 image_size: int = 256, n_features: int = 100, seed: int = 0, device: str = "auto",
+                 cache_dir: str | Path | None = None, batch_size: int = 16) -> None:
+        self.backbone = backbone
+        self.stages = backbones.check_stages(backbone, stages or backbones.DEFAULT_STAGES[backbone]["padim"])
+        self.image_size = int(image_size)
+        self.n_features = int(n_features)
+        self.seed = int(seed)
+        self.device = backbones.resolve_device(device)
+        self.cache_dir = cache_dir
+        self.batch_size = batch_size  # images per embedding chunk: bounds memory, does not change results
+        self.model = self._build_model().to(self.device).eval()
+
+    def _build_model(self) -> PadimModel:
+        # anomalib reads n_features=0 as "use the paper default", which does not exist for our backbones.
+        if self.n_features < 1:
+            raise ValueError(f"n_features must be >= 1, got {self.n_features}")
+        # anomalib draws the feature subset `idx` with the global torch RNG while constructing; seeding a
+        # forked RNG makes idx a function of `seed` and leaves the caller's random state untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            try:
+                model = PadimModel(backbone=backbones.spec(self.backbone).timm_name, layers=list(self.stages),
+                                   pre_trained=False, n_features=self.n_features)
+            except ValueError as exc:  # anomalib's bound: n_features <= channels of the chosen stages
+                raise ValueError(f"n_features={self.n_features} does not fit backbone {self.backbone} "
+                                 f"stages {list(self.stages)}: {exc}") from None
+            # Inside the fork too: reading the weights builds a randomly initialised timm model.
+            weights = backbones.features_state_dict(self.backbone)
+        # Unexpected keys are stages past the last one used (timm truncates); missing ones would be random.
+        missing, _ = model.feature_extractor.feature_extractor.load_state_dict(weights, strict=False)
+        if missing:
+            raise RuntimeError(f"backbone {self.backbone}: weights lack {len(missing)} tensors, e.g. {missing[:3]}")
+        return model
+
+    @property
+    def idx(self) -> torch.Tensor:
+        """The random subset of embedding channels anomalib keeps (drawn from ``seed``)."""
+        return self.model.idx.cpu()
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.model.gaussian.mean.numel() > 0
+
+    def settings(self) -> dict:
+        return {"backbone": self.backbone, "stages": list(self.stages), "image_size": self.image_size,
+                "n_features": self.n_features, "seed": self.seed}
+
+    def _features(self, paths: Sequence[str | Path]) -> dict[str, torch.Tensor]:
+        return features.extract(list(paths), self.backbone, self.image_size, self.stages,
+                                device=str(self.device), cache_dir=self.cache_dir, progress=False)
+
+    def _embedding(self, feats: dict[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
+        chunk = {s: feats[s][start:stop].to(self.device) for s in self.stages}
+        return self.model.generate_embedding(chunk)
+
+    def fit(self, paths: Sequence[str | Path]) -> "Padim":
+        return self.fit_features(self._features(paths))
+
+    @torch.no_grad()
+    def fit_features(self, feats: dict[str, torch.Tensor]) -> "Padim":
+        """Fit anomalib's Gaussian to the embeddings of normal images' features ``{stage: (N, C, h, w)}``."""
+        n = len(feats[self.stages[0]])
+        # anomalib's training path is memory_bank.append(embedding) per batch, then gaussian.fit(vstack(...));
+        # filling one preallocated tensor chunk by chunk gives the same input without the stacked copy.
+        first = self._embedding(feats, 0, self.batch_size)
+        embeddings = first.new_empty((n, *first.shape[1:]))
+        embeddings[:len(first)] = first
+        for start in range(self.batch_size, n, self.batch_size):
+            embeddings[start:start + self.batch_size] = self._embedding(feats, start, start + self.batch_size)
+        self.model.gaussian.fit(embeddings)
+        return self
+
+    def predict(self, paths: Sequence[str | Path]) -> Prediction:
+        return self.predict_features(self._features(paths))
+
+    @torch.no_grad()
+    def predict_features(self, feats: dict[str, torch.Tensor]) -> Prediction:
+        """Anomaly maps and image scores exactly as anomalib's eval-mode ``PadimModel.forward`` computes them."""
+        if not self.is_fitted:
+            raise RuntimeError("Padim.predict before fit (or load)")
+        n = len(feats[self.stages[0]])
+        scores, maps = [], []
+        for start in range(0, n, self.batch_size):
+            # anomalib upsamples to the input image's size, which is image_size here.
+            anomaly_map = self.model.anomaly_map_generator(
+                embedding=self._embedding(feats, start, start + self.batch_size), mean=self.model.gaussian.mean,
+                inv_covariance=self.model.gaussian.inv_covariance, image_size=(self.image_size, self.image_size))
+            scores.append(torch.amax(anomaly_map, dim=(-2, -1)).flatten().cpu())
+            maps.append(anomaly_map[:, 0].cpu())
+        return Prediction(torch.cat(scores).numpy().astype(np.float32), torch.cat(maps).numpy().astype(np.float32))
+
+    def save(self, path: str | Path) -> Path:
+        if not self.is_fitted:
+            raise RuntimeError("Padim.save before fit")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"mean": self.model.gaussian.mean, "inv_covariance": self.model.gaussian.inv_covariance,
+                   "idx": self.model.idx}
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
+                  metadata={"method": self.method, "settings": json.dumps(self.settings()),
+                            "anomalib_version": anomalib.__version__})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", cache_dir: str | Path | None = None) -> "Padim":
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("method") != cls.method:
+            raise ValueError(f"{path}: not a saved PaDiM model (metadata method={meta.get('method')!r})")
+        detector = cls(**json.loads(meta["settings"]), device=device, cache_dir=cache_dir)
+        tensors = load_file(str(path), device=str(detector.device))
+        # idx comes from the file, not from re-drawing it, so a model stays valid across library versions.
+        detector.model.idx = tensors["idx"]
+        detector.model.gaussian.mean = tensors["mean"]
+        detector.model.gaussian.inv_covariance = tensors["inv_covariance"]
+        return detector
