@@ -142,7 +142,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def features_state_dict(name: str) -> dict[str, torch.Tensor]:
     """Weights in the key layout of the ``features_only`` module (classifier head dropped)."""
-    full = spec(name).weights()
+    with torch.random.fork_rng():  # building the reference timm model draws random init weights
+        full = spec(name).weights()
     return {k: v for k, v in full.items() if not k.startswith(("fc.", "classifier.", "conv_head.", "bn2."))}
 
 
@@ -150,8 +151,9 @@ def features_state_dict(name: str) -> dict[str, torch.Tensor]:
 def _load_cached(name: str, device: str) -> torch.nn.Module:
     s = spec(name)
     # exportable=True mirrors anomalib's TimmFeatureExtractor, so both methods see identical features.
-    net = timm.create_model(s.timm_name, pretrained=False, features_only=True, exportable=True,
-                            out_indices=_out_indices(s))
+    with torch.random.fork_rng():  # random init before loading must not move the caller's RNG
+        net = timm.create_model(s.timm_name, pretrained=False, features_only=True, exportable=True,
+                                out_indices=_out_indices(s))
     missing, unexpected = net.load_state_dict(features_state_dict(name), strict=False)
     if missing:
         raise RuntimeError(f"backbone {name}: weights lack {len(missing)} tensors, e.g. {missing[:3]}")
