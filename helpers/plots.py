@@ -129,9 +129,8 @@ def count_table(manifest: pd.DataFrame) -> pd.DataFrame:
 
 def pick_examples(rows: pd.DataFrame, per_type: int = 1, seed: int = 0) -> pd.DataFrame:
     """A few rows per defect type, deterministic."""
-    return (rows.groupby("defect_type", group_keys=False)
-            .apply(lambda g: g.sample(min(per_type, len(g)), random_state=seed), include_groups=True)
-            .reset_index(drop=True))
+    picked = [g.sample(min(per_type, len(g)), random_state=seed) for _, g in rows.groupby("defect_type", sort=True)]
+    return pd.concat(picked).reset_index(drop=True)
 
 
 def shift_grid(src: str | Path, category: str, transforms: Sequence[str], severities: Sequence[int],
@@ -236,5 +235,28 @@ def baseline_bars(clean: pd.DataFrame, metrics: Sequence[str]) -> plt.Figure:
         ax.set_ylim(0.4, 1.02)
     axes.flat[0].set_ylabel("score")
     axes.flat[-1].legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def score_distributions(dists: pd.DataFrame) -> plt.Figure:
+    """Overlaid image-score densities: rows = method, columns = per-category vs unified model."""
+    methods = sorted(dists["method"].unique())
+    settings = ["per_category", "unified"]
+    fig, axes = plt.subplots(len(methods), 2, figsize=(8, 2.6 * len(methods)), squeeze=False)
+    cats = sorted(dists["category"].unique())
+    for i, method in enumerate(methods):
+        for j, setting in enumerate(settings):
+            ax = axes[i, j]
+            sub = dists[(dists["method"] == method) & (dists["setting"] == setting)]
+            for ci, category in enumerate(cats):
+                for label, dash in ((0, "-"), (1, "--")):
+                    scores = sub[(sub["category"] == category) & (sub["label"] == label)]["score"]
+                    if len(scores) > 1 and scores.std() > 0:
+                        sns.kdeplot(scores, ax=ax, color=f"C{ci}", linestyle=dash,
+                                    label=f"{category} {'anomalous' if label else 'normal'}")
+            ax.set_title(f"{method}, {setting.replace('_', ' ')} model")
+            ax.set_xlabel("image score")
+    axes[0, -1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     fig.tight_layout()
     return fig

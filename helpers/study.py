@@ -74,8 +74,11 @@ def run(profile_name: str, only: list[str] | None = None, force: bool = False, l
         log(f"[study] {nb.name}: running (profile {profile.name})")
         start = time.perf_counter()
         state.unlink(missing_ok=True)  # a failed run must not look finished next time
+        # Only the parameters a notebook declares are passed: its executed copy then lists exactly its inputs.
+        declared = pm.inspect_notebook(str(nb))
         try:
-            pm.execute_notebook(str(nb), str(out), parameters=params, cwd=str(ROOT), kernel_name="python3",
+            pm.execute_notebook(str(nb), str(out), parameters={k: v for k, v in params.items() if k in declared},
+                                cwd=str(ROOT), kernel_name="python3",
                                 progress_bar=False, log_output=False)
         except pm.PapermillExecutionError as exc:
             raise NotebookFailed(f"{nb.name} failed in {_failed_cell(out)} ({exc.ename}: {exc.evalue}); "
