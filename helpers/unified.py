@@ -99,3 +99,56 @@ def covariance_widening(unified, per_category: dict) -> pd.DataFrame:
         rows.append({"category": category, "trace_ratio": float((pooled_trace / own_trace).mean()),
                      "logdet_diff": float((pooled_logdet - torch.linalg.slogdet(own).logabsdet).mean())})
     return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def patchcore_provenance(pooled, ctx: experiments.Context, manifest: pd.DataFrame, area: float = 0.5,
+                         normal_quantile: float = 0.99) -> pd.DataFrame:
+    """Where the nearest memory-bank patch of each test patch comes from, per category, for the pooled model.
+
+    A test patch is anomalous when at least ``area`` of its feature-grid cell is ground truth; normal patches
+    come from normal images. An anomalous patch is "explained away" when its neighbour is another category's
+    patch and its score stays below the ``normal_quantile`` of the category's normal validation patch scores.
+    """
+    import torch.nn.functional as F
+
+    from helpers.patchcore import rows_of
+
+    train = experiments.rows_of(manifest, ctx, ctx.categories, "train")
+    if getattr(pooled, "bank_sources", None) is None:
+        raise ValueError("the pooled PatchCore model has no bank_sources (fitted before provenance was recorded)")
+    source_category = np.asarray(train["category"])
+
+    def patches(rows):
+        feats = pooled._features(list(rows["image_path"]))
+        emb = pooled.embed(feats)
+        n, _, h, w = emb.shape
+        d2, loc = pooled.index().search(rows_of(emb))
+        return d2.sqrt().view(n, h * w).cpu().numpy(), loc.view(n, h * w).cpu().numpy(), (h, w)
+
+    out = []
+    for category in ctx.categories:
+        val = experiments.rows_of(manifest, ctx, category, "val")
+        val_scores, _, _ = patches(val[val.label == 0])
+        normal_level = float(np.quantile(val_scores, normal_quantile))
+        test = experiments.rows_of(manifest, ctx, category, "test")
+        scores, nearest, (h, w) = patches(test)
+        patches_per_image = h * w
+        neighbour_cat = source_category[pooled.bank_sources.cpu().numpy()[nearest] // patches_per_image]
+        cross = neighbour_cat != category
+        masks = experiments.masks_for(test, ctx.image_size)
+        labels = test["label"].to_numpy()
+        if masks is None:
+            anomalous = np.zeros_like(cross)
+        else:
+            cover = F.adaptive_avg_pool2d(torch.from_numpy(masks).float()[:, None], (h, w)).view(len(test), -1).numpy()
+            anomalous = cover >= area
+        normal = (labels == 0)[:, None] & np.ones_like(cross)
+        explained = anomalous & cross & (scores < normal_level)
+        out.append({"category": category, "n_normal_patches": int(normal.sum()),
+                    "n_anomalous_patches": int(anomalous.sum()),
+                    "cross_share_normal": float(cross[normal].mean()) if normal.any() else np.nan,
+                    "cross_share_anomalous": float(cross[anomalous].mean()) if anomalous.any() else np.nan,
+                    "explained_away": float(explained.sum() / anomalous.sum()) if anomalous.any() else np.nan,
+                    "normal_patch_q99": normal_level})
+    return pd.DataFrame(out)
