@@ -14,7 +14,8 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	# The repository root on the venv's path, so notebooks import helpers from any folder (no build step).
+	$(PY) -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], 'anomaly_shift_study.pth').write_text('$(CURDIR)\n')"
 	touch $(STAMP)
 
 study: setup
