@@ -6,7 +6,6 @@ import hashlib
 import json
 import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from helpers.data import DatasetError, Sample, list_categories, list_samples, load_image, load_mask, mask_path_for
 from helpers.paths import write_csv
+from helpers.threads import one_torch_thread
 
 SEVERITIES = (0, 1, 2, 3, 4, 5)
 MANIFEST = "shift_manifest.csv"
@@ -382,18 +382,6 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
         tmp.rename(dst)
 
 
-@contextmanager
-def _one_torch_thread():
-    """Run warps single-threaded: a 256 px warp gains nothing from intra-op threads, and on busy shared cores
-    torch's thread pool made each one ~30x slower (measured 280 ms vs 8 ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def shift_dataset(src: str | Path, dst: str | Path, transform: str, severity: int, seed: int,
                   categories: list[str] | None = None, overwrite: bool = False, progress: bool = True,
                   parts: tuple[str, ...] = ("train", "test")) -> Path:
@@ -415,7 +403,7 @@ def shift_dataset(src: str | Path, dst: str | Path, transform: str, severity: in
     tmp = dst.with_name(f".{dst.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)  # left over by an interrupted run
     try:
-        with _one_torch_thread():
+        with one_torch_thread():
             rows = [_shift_sample(s, tmp, transform, severity, seed)
                     for s in tqdm(samples, desc=f"{transform} severity={severity}", unit="img", leave=False,
                                   disable=not progress)]

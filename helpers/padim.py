@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import backbones, features
 from helpers.detector import Detector, Prediction
+from helpers.threads import one_torch_thread
 
 
 class Padim(Detector):
@@ -91,7 +92,8 @@ class Padim(Detector):
         embeddings[:len(first)] = first
         for start in range(self.batch_size, n, self.batch_size):
             embeddings[start:start + self.batch_size] = self._embedding(feats, start, start + self.batch_size)
-        self.model.gaussian.fit(embeddings)
+        with one_torch_thread(self.device.type == "cpu"):  # anomalib loops over positions with tiny matrices
+            self.model.gaussian.fit(embeddings)
         return self
 
     def predict(self, paths: Sequence[str | Path]) -> Prediction:
