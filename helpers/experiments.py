@@ -263,6 +263,6 @@ def stage_options(backbone: str, method: str) -> list[tuple[str, ...]]:
                     key=lambda s: list(DEFAULT_STAGES[backbone]["padim"]).index(s))
     if method == "patchcore":  # single stages and the shallower pair
         options = [(cached[1],), (cached[2],), (cached[0], cached[1])]
-    else:  # drop the deepest or the shallowest stage
-        options = [tuple(cached[:2]), tuple(cached[1:])]
+    else:  # without the shallowest stage (dropping the deepest leaves too few channels for n_features)
+        options = [tuple(cached[1:])]
     return [default] + [o for o in options if o != default]

@@ -1,0 +1,144 @@
+"""Fit one detector on a category's ``train`` split and score its ``test`` split: metrics as one JSON line, and
+appended as one row to a CSV table.
+
+``python -m helpers.evaluate --root data/synthetic --category hazelnut --method patchcore --out results.csv``
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from helpers import metrics, splits
+from helpers.data import DatasetError, has_ground_truth, list_categories, load_mask
+from helpers.detector import METHODS, Detector, Prediction, make_detector
+
+METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_aupro", "fit_s", "predict_s")
+# Flag -> (constructor keyword, methods that take it). Method-specific flags only reach their method.
+METHOD_FLAGS = {"backbone": ("backbone", METHODS), "image_size": ("image_size", METHODS),
+                "coreset_ratio": ("coreset_ratio", ("patchcore",)), "k": ("k", ("patchcore",)),
+                "n_features": ("n_features", ("padim",))}
+
+
+def evaluate_split(detector: Detector, manifest: pd.DataFrame, root: str | Path, category: str,
+                   image_size: int) -> tuple[dict, Prediction, pd.DataFrame]:
+    """Fit on the category's ``train`` rows, predict its ``test`` rows, and compute every metric.
+
+    Returns the metrics (plus ``fit_s``/``predict_s``, which include the backbone only when the feature cache is
+    cold), the prediction and the scored test rows. Pixel metrics are None when the category has no
+    ``ground_truth`` folder; normal images count as all-normal masks.
+    """
+    train = splits.select(manifest, root, category, "train")
+    test = splits.select(manifest, root, category, "test")
+    start = time.perf_counter()
+    detector.fit(list(train["image_path"]))
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    prediction = detector.predict(list(test["image_path"]))
+    predict_s = time.perf_counter() - start
+    masks = None
+    if has_ground_truth(root, category):
+        masks = np.stack([load_mask(p, size=image_size) for p in test["mask_path"]])
+    result = metrics.evaluate(test["label"].to_numpy(), prediction.image_scores, masks,
+                              prediction.anomaly_maps if masks is not None else None)
+    result.update(fit_s=fit_s, predict_s=predict_s)
+    return result, prediction, test
+
+
+class TableMismatch(ValueError):
+    """The CSV table exists with other columns."""
+
+
+def check_header(path: str | Path, header: list[str]) -> str:
+    """The table's current text ('' when absent); a ValueError when its columns are not ``header``."""
+    path = Path(path)
+    existing = path.read_text() if path.is_file() else ""
+    if existing:
+        found = next(csv.reader([existing.splitlines()[0]]))
+        if found != header:
+            raise TableMismatch(f"{path} has columns {found}, this row has {header}: write to another file")
+    return existing if not existing or existing.endswith("\n") else existing + "\n"
+
+
+def append_row(row: dict, path: str | Path) -> Path:
+    """Append ``row`` to a CSV table (header written once), through a temporary file and a rename."""
+    path = Path(path)
+    existing = check_header(path, list(row))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if not existing:
+        writer.writerow(list(row))
+    writer.writerow(["" if v is None else v for v in row.values()])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(existing + buffer.getvalue())
+    tmp.replace(path)
+    return path
+
+
+def _check_dataset(root: Path, category: str) -> None:
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} does not exist or is not a folder")
+    known = list_categories(root)
+    if category not in known:
+        raise DatasetError(f"category {category!r} is not in {root} (found: {', '.join(known) or 'none'})")
+
+
+def detector_settings(method: str, args: argparse.Namespace) -> dict:
+    """Constructor keywords from the flags that were given and that this method takes."""
+    settings = {"seed": args.seed}
+    for flag, (keyword, methods) in METHOD_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if method in methods:
+            settings[keyword] = value
+        else:
+            print(f"note: --{flag.replace('_', '-')} does not apply to {method}; ignored", file=sys.stderr)
+    return settings
+
+
+def run(args: argparse.Namespace) -> dict:
+    root = Path(args.root)
+    _check_dataset(root, args.category)
+    detector = make_detector(args.method, **detector_settings(args.method, args))
+    settings = {k: "+".join(v) if isinstance(v, list) else v for k, v in detector.settings().items()}
+    if args.out:  # fail before a long fit, not after it
+        check_header(args.out, ["method", "category", *METRICS, *settings])
+    manifest = splits.make_splits(root, [args.category], args.seed)
+    result, _, _ = evaluate_split(detector, manifest, root, args.category, detector.image_size)
+    return {"method": args.method, "category": args.category, **{k: result[k] for k in METRICS}, **settings}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, help="dataset folder in MVTec AD layout")
+    parser.add_argument("--category", required=True)
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--backbone")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--coreset-ratio", type=float, help="PatchCore only")
+    parser.add_argument("--k", type=int, help="PatchCore only: neighbours for the image-score re-weighting")
+    parser.add_argument("--n-features", type=int, help="PaDiM only")
+    parser.add_argument("--seed", type=int, default=0, help="split manifest and detector seed")
+    parser.add_argument("--out", help="CSV file to append the row to")
+    args = parser.parse_args(argv)
+    try:
+        row = run(args)
+    except (DatasetError, TableMismatch) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    if args.out:
+        append_row(row, args.out)
+    print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
