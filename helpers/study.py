@@ -86,7 +86,8 @@ def run(profile_name: str, only: list[str] | None = None, force: bool = False, l
         seconds = time.perf_counter() - start
         state.write_text(json.dumps({"fingerprint": fp, "seconds": round(seconds, 1),
                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
-        log(f"[study] {nb.name}: done in {seconds:.0f} s -> {out.relative_to(ROOT)}")
+        shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+        log(f"[study] {nb.name}: done in {seconds:.0f} s -> {shown}")
         executed.append(out)
     return executed
 
