@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import backbones, features
 from helpers.detector import Detector, Prediction
+from helpers.threads import one_torch_thread
 
 MAP_SIGMA = 4.0  # Gaussian smoothing of the anomaly map, in pixels (paper and anomalib)
 
@@ -75,19 +75,6 @@ def coreset_indices(points: torch.Tensor, ratio: float, projection_dim: int | No
     return greedy_kcenter(projected, n, start)
 
 
-@contextmanager
-def _one_thread(active: bool):
-    """Run torch ops on one CPU thread: a greedy step is too small to gain from fanning out, and OpenMP threads
-    spinning on cores that other work also uses made 10% of 102,400 patches take 209 s instead of 5 s."""
-    previous = torch.get_num_threads()
-    if active:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @torch.no_grad()
 def greedy_kcenter(points: torch.Tensor, n: int, start: int, block: int = 256) -> torch.Tensor:
     """Exact greedy k-center (farthest-point) selection of ``n`` rows, starting from row ``start``.
@@ -109,7 +96,8 @@ def greedy_kcenter(points: torch.Tensor, n: int, start: int, block: int = 256) -
     N = len(points)
     if not 1 <= n <= N:
         raise ValueError(f"cannot select {n} of {N} points")
-    with _one_thread(points.device.type == "cpu"):
+    # One thread: OpenMP threads on two cores that other work also uses took 209 s instead of 5 s here.
+    with one_torch_thread(points.device.type == "cpu"):
         return _greedy_kcenter(points, n, start, block)
 
 
