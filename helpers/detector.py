@@ -76,12 +76,21 @@ def make_detector(method: str, **settings) -> Detector:
     return detector_class(method)(**settings)
 
 
-def load_detector(path: str | Path) -> Detector:
-    """Load a saved detector of either method (the file records which)."""
+def saved_settings(path: str | Path, method: str | None = None) -> tuple[str, dict]:
+    """(method, settings) recorded in a saved detector; with ``method``, refuse a file of another method."""
+    import json
+
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        method = (f.metadata() or {}).get("method")
-    if method not in METHODS:
-        raise ValueError(f"{path}: not a saved detector (metadata method={method!r})")
+        meta = f.metadata() or {}
+    found = meta.get("method")
+    if found not in METHODS or (method is not None and found != method):
+        raise ValueError(f"{path}: not a saved {method or 'detector'} model (metadata method={found!r})")
+    return found, json.loads(meta["settings"])
+
+
+def load_detector(path: str | Path) -> Detector:
+    """Load a saved detector of either method (the file records which)."""
+    method, _ = saved_settings(path)
     return detector_class(method).load(path)

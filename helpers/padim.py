@@ -9,11 +9,10 @@ import anomalib
 import numpy as np
 import torch
 from anomalib.models.image.padim.torch_model import PadimModel
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import backbones, features
-from helpers.detector import Detector, Prediction
+from helpers.detector import Detector, Prediction, saved_settings
 from helpers.threads import one_torch_thread
 
 
@@ -129,11 +128,8 @@ class Padim(Detector):
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", cache_dir: str | Path | None = None) -> "Padim":
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("method") != cls.method:
-            raise ValueError(f"{path}: not a saved PaDiM model (metadata method={meta.get('method')!r})")
-        detector = cls(**json.loads(meta["settings"]), device=device, cache_dir=cache_dir)
+        _, settings = saved_settings(path, cls.method)
+        detector = cls(**settings, device=device, cache_dir=cache_dir)
         tensors = load_file(str(path), device=str(detector.device))
         # idx comes from the file, not from re-drawing it, so a model stays valid across library versions.
         detector.model.idx = tensors["idx"]

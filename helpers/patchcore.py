@@ -11,11 +11,10 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import backbones, features
-from helpers.detector import Detector, Prediction
+from helpers.detector import Detector, Prediction, saved_settings
 from helpers.threads import one_torch_thread
 
 MAP_SIGMA = 4.0  # Gaussian smoothing of the anomaly map, in pixels (paper and anomalib)
@@ -417,11 +416,8 @@ class PatchCore(Detector):
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", cache_dir: str | Path | None = None) -> "PatchCore":
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("method") != cls.method:
-            raise ValueError(f"{path}: not a saved PatchCore model (metadata method={meta.get('method')!r})")
-        detector = cls(**json.loads(meta["settings"]), device=device, cache_dir=cache_dir)
+        _, settings = saved_settings(path, cls.method)
+        detector = cls(**settings, device=device, cache_dir=cache_dir)
         tensors = load_file(str(path), device=str(detector.device))
         detector.memory_bank, detector.bank_sources = tensors["memory_bank"], tensors["bank_sources"].cpu()
         return detector
