@@ -157,7 +157,10 @@ def _load_cached(name: str, device: str) -> torch.nn.Module:
     missing, unexpected = net.load_state_dict(features_state_dict(name), strict=False)
     if missing:
         raise RuntimeError(f"backbone {name}: weights lack {len(missing)} tensors, e.g. {missing[:3]}")
-    return net.eval().to(device)
+    # Channels-last: oneDNN's convolutions (the depthwise ones above all) run 1.6x faster on CPU in this
+    # layout (EfficientNet-Lite0 at 224 px on 2 cores: 28.8 -> 18.1 ms per image); sums are only reordered
+    # (largest relative difference 3e-6 of a stage's maximum).
+    return net.eval().to(device, memory_format=torch.channels_last)
 
 
 def _out_indices(s: BackboneSpec) -> tuple[int, ...]:
@@ -185,5 +188,5 @@ def normalise(images: torch.Tensor, name: str) -> torch.Tensor:
 @torch.no_grad()
 def forward_stages(net: torch.nn.Module, name: str, batch: torch.Tensor) -> dict[str, torch.Tensor]:
     """Run the backbone on a normalised batch and name its outputs by stage."""
-    outputs = net(batch)
-    return dict(zip(spec(name).stages, outputs))
+    outputs = net(batch.contiguous(memory_format=torch.channels_last))
+    return {stage: out.contiguous() for stage, out in zip(spec(name).stages, outputs)}

@@ -66,7 +66,8 @@ def test_torchvision_weights_are_read_from_the_hub_cache(tmp_path, monkeypatch, 
     got = backbones.forward_stages(net, "resnet18", x)
     with torch.no_grad():
         for (stage, tensor), expected in zip(got.items(), reference.eval()(x)):
-            assert torch.equal(tensor, expected), stage
+            # Our network runs channels-last, which only reorders the convolutions' sums.
+            torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-5, msg=stage)
 
 
 def test_missing_torchvision_weights_offline_name_the_file_and_the_fallback(tmp_path, monkeypatch,
