@@ -79,17 +79,17 @@ def _rank(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return order, group_ends, sorted_scores[group_ends]
 
 
-def _counts_per_threshold(positives: np.ndarray, scores: np.ndarray):
+def _counts_per_threshold(positives: np.ndarray, scores: np.ndarray, ranked=None):
     """True and false positive counts when predicting ``score >= t``, for every distinct score ``t``
-    (highest first), together with those thresholds."""
-    order, group_ends, thresholds = _rank(scores)
+    (highest first), together with those thresholds. ``ranked`` is ``_rank(scores)`` when already known."""
+    order, group_ends, thresholds = ranked or _rank(scores)
     tp = np.cumsum(positives[order], dtype=np.int64)[group_ends]
     fp = group_ends + 1 - tp
     return tp, fp, thresholds
 
 
-def _auroc(positives: np.ndarray, scores: np.ndarray) -> float:
-    tp, fp, _ = _counts_per_threshold(positives, scores)
+def _auroc(positives: np.ndarray, scores: np.ndarray, ranked=None) -> float:
+    tp, fp, _ = _counts_per_threshold(positives, scores, ranked)
     tpr = np.concatenate(([0.0], tp / tp[-1]))
     fpr = np.concatenate(([0.0], fp / fp[-1]))
     return float(np.trapezoid(tpr, fpr))
@@ -162,7 +162,11 @@ def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
     value from highest to lowest, preceded by the point (0, 0) of a threshold above every value."""
     masks, maps = _pixel_inputs(masks, maps)
     _require_both_classes("masks", masks)
-    order, group_ends, _ = _rank(maps.ravel())
+    return _pro_curve(masks, _rank(maps.ravel()))
+
+
+def _pro_curve(masks: np.ndarray, ranked) -> tuple[np.ndarray, np.ndarray]:
+    order, group_ends, _ = ranked
     pro = np.cumsum(_region_weights(masks)[order])[group_ends]
     normal = ~masks.ravel()
     fpr = np.cumsum(normal[order], dtype=np.int64)[group_ends] / normal.sum()
@@ -174,10 +178,24 @@ def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
 def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     """Area under the PRO curve for FPR in [0, fpr_limit], divided by fpr_limit (Bergmann et al., MVTec AD):
     1.0 for a perfect map, about fpr_limit / 2 for a map that ranks pixels at random."""
-    if not 0 < fpr_limit <= 1:
-        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    _check_fpr_limit(fpr_limit)
     fpr, pro = pro_curve(masks, maps)
     return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
+
+
+def _check_fpr_limit(fpr_limit: float) -> None:
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+
+
+def pixel_auroc_aupro(masks, maps, fpr_limit: float = 0.3) -> tuple[float, float]:
+    """``pixel_auroc`` and ``aupro`` from one sort of the pixels (the sort is most of their cost)."""
+    _check_fpr_limit(fpr_limit)
+    masks, maps = _pixel_inputs(masks, maps)
+    _require_both_classes("masks", masks)
+    ranked = _rank(maps.ravel())
+    fpr, pro = _pro_curve(masks, ranked)
+    return _auroc(masks.ravel(), maps.ravel(), ranked), _area_up_to(fpr, pro, fpr_limit) / fpr_limit
 
 
 # --- at a fixed threshold -------------------------------------------------------------------------------
@@ -240,7 +258,7 @@ def evaluate(labels, scores, masks=None, maps=None) -> dict:
     if masks.shape[0] != np.asarray(labels).shape[0]:
         raise ValueError(f"masks has {masks.shape[0]} images but labels has {np.asarray(labels).shape[0]}")
     if masks.any():
-        result.update(pixel_auroc=pixel_auroc(masks, maps), pixel_aupro=aupro(masks, maps))
+        result["pixel_auroc"], result["pixel_aupro"] = pixel_auroc_aupro(masks, maps)
     return result
 
 
