@@ -17,6 +17,14 @@ from helpers.detector import Detector
 MB = 2 ** 20
 
 
+def check_categories(chosen: Sequence[str], categories: Sequence[str]) -> None:
+    """ValueError naming ``efficiency_categories`` when it is empty or not a subset of the run's categories."""
+    unknown = [c for c in chosen if c not in categories]
+    if not chosen or unknown:
+        raise ValueError(f"efficiency_categories must be a non-empty subset of categories {list(categories)}, "
+                         f"got {list(chosen)}")
+
+
 class PeakRSS:
     """Context manager: peak resident memory above the level at entry, sampled by a thread (torch's allocations
     are invisible to tracemalloc)."""

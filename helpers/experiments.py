@@ -3,6 +3,7 @@ preparation, fitted-model caching, and scoring a detector on clean or shifted sp
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,11 @@ def fit_cached(method: str, settings: dict, train_paths: Sequence[Path], cache_d
     else:
         detector = make_detector(method, **settings)
         detector.fit(list(train_paths))
-        detector.save(path)
+        # Written aside and renamed: a killed run never leaves a half-written model that later loads fail on,
+        # and parallel jobs fitting the same model each rename a complete file.
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+        detector.save(tmp)
+        tmp.replace(path)
     for name in inference_only:
         if name in settings:
             setattr(detector, name, settings[name])
@@ -175,44 +180,59 @@ def train_paths(manifest: pd.DataFrame, ctx: Context, category: str | Sequence[s
     return list(rows_of(manifest, ctx, category, "train", transform, severity)["image_path"])
 
 
+def _fit_job(method: str, settings: dict, paths: Sequence[Path]) -> None:
+    fit_cached(method, settings, paths)
+
+
+def _evaluate_job(method: str, settings: dict, ctx: Context, manifest: pd.DataFrame, category: str,
+                  conditions: Sequence[tuple[str, int]], split: str, labels: dict) -> pd.DataFrame:
+    detector = fit_cached(method, settings, train_paths(manifest, ctx, category))
+    return evaluate_conditions(detector, manifest, ctx, category, conditions, split, **labels)
+
+
 def run_method(method: str, settings: dict, ctx: Context, manifest: pd.DataFrame,
                conditions: Sequence[tuple[str, int]], seeds: Sequence[int] | None = None,
-               split: str = "test", shift_all_seeds: bool = True, progress: bool = True) -> pd.DataFrame:
+               split: str = "test", shift_all_seeds: bool = True, progress: bool = True,
+               workers: int | None = 1) -> pd.DataFrame:
     """Fit on clean train normals per (seed, category), evaluate every condition: the tidy shift-drop table.
 
     With ``shift_all_seeds=False`` only the first seed is scored on the shifted conditions and the others on
     clean data alone (the spread over seeds is reported for the clean baseline), which keeps CPU runs short.
+    Fits, then (seed, category, condition) evaluations, run as ``workers`` parallel jobs; the table is the
+    same for any number of workers.
     """
-    from tqdm.auto import tqdm
+    from helpers.parallel import run_jobs
 
-    tables = []
     seeds = list(seeds or ctx.seeds)
-    jobs = [(seed, cat) for seed in seeds for cat in ctx.categories]
-    for seed, category in tqdm(jobs, desc=f"{method} fit+evaluate", disable=not progress):
+    pairs = [(seed, cat) for seed in seeds for cat in ctx.categories]
+    run_jobs(_fit_job, [(method, {**settings, "seed": int(seed)}, train_paths(manifest, ctx, cat)) for seed, cat in pairs],
+             workers, desc=f"{method} fit", progress=progress)
+    jobs = []
+    for seed, category in pairs:
         full = {**settings, "seed": int(seed)}
-        detector = fit_cached(method, full, train_paths(manifest, ctx, category))
+        labels = dict(method=method, seed=int(seed), backbone=full.get("backbone"), image_size=full.get("image_size"))
         wanted = conditions if shift_all_seeds or seed == seeds[0] else [c for c in conditions if c == CLEAN]
-        tables.append(evaluate_conditions(detector, manifest, ctx, category, wanted, split,
-                                          method=method, seed=int(seed), backbone=full.get("backbone"),
-                                          image_size=full.get("image_size")))
+        jobs += [(method, full, ctx, manifest, category, [condition], split, labels) for condition in wanted]
+    tables = run_jobs(_evaluate_job, jobs, workers, desc=f"{method} evaluate", progress=progress)
     return pd.concat(tables, ignore_index=True)
 
 
 def sweep(method: str, base: dict, grid: Sequence[dict], ctx: Context, manifest: pd.DataFrame,
-          conditions: Sequence[tuple[str, int]], seed: int = 0, progress: bool = True) -> pd.DataFrame:
+          conditions: Sequence[tuple[str, int]], seed: int = 0, progress: bool = True,
+          workers: int | None = 1) -> pd.DataFrame:
     """Evaluate each override of ``base`` (e.g. ``{"k": 3}``) on each category and condition.
 
     Rows carry ``param`` and ``value`` so one table holds every swept hyperparameter.
     """
-    from tqdm.auto import tqdm
+    from helpers.parallel import run_jobs
 
-    tables = []
-    jobs = [(override, cat) for override in grid for cat in ctx.categories]
-    for override, category in tqdm(jobs, desc=f"{method} sweep", disable=not progress):
-        detector = fit_cached(method, {**base, **override, "seed": int(seed)}, train_paths(manifest, ctx, category))
-        param, value = "+".join(override), "/".join(_label(v) for v in override.values())
-        tables.append(evaluate_conditions(detector, manifest, ctx, category, conditions, method=method,
-                                          seed=int(seed), param=param, value=value))
+    jobs = []
+    for override in grid:
+        labels = dict(method=method, seed=int(seed), param="+".join(override),
+                      value="/".join(_label(v) for v in override.values()))
+        jobs += [(method, {**base, **override, "seed": int(seed)}, ctx, manifest, category, list(conditions), "test",
+                  labels) for category in ctx.categories]
+    tables = run_jobs(_evaluate_job, jobs, workers, desc=f"{method} sweep", progress=progress)
     return pd.concat(tables, ignore_index=True)
 
 

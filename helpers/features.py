@@ -7,6 +7,7 @@ another stage of the same set adds a file instead of recomputing the rest.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -67,7 +68,7 @@ def extract(paths: Sequence[str | Path], backbone: str, image_size: int, stages:
         fresh = compute(paths, backbone, image_size, wanted, device, batch_size, progress)
         folder.mkdir(parents=True, exist_ok=True)
         for stage, tensor in fresh.items():
-            tmp = folder / f".{stage}.tmp.npy"
+            tmp = folder / f".{stage}.{os.getpid()}.tmp.npy"  # parallel jobs may fill the same set
             np.save(tmp, tensor.numpy())
             tmp.replace(folder / f"{stage}.npy")
     return {s: torch.from_numpy(np.load(folder / f"{s}.npy")) for s in stages}
