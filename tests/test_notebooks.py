@@ -28,6 +28,28 @@ def test_committed_without_outputs_and_with_a_parameters_cell(path):
     assert len(tagged) == 1 and code[0] is tagged[0], "first code cell must be the one tagged 'parameters'"
 
 
+@pytest.mark.parametrize("path", NOTEBOOK_FILES, ids=lambda p: p.name)
+def test_papermill_sees_every_parameter_the_cell_assigns(path):
+    """papermill skips a line it cannot parse (it did for a comment holding ';') and the runner then never
+    passes that parameter: the notebook silently keeps its own default."""
+    import ast
+
+    import papermill as pm
+
+    cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    assigned = [node.target.id if isinstance(node, ast.AnnAssign) else node.targets[0].id
+                for node in ast.parse(cell.source).body if isinstance(node, (ast.AnnAssign, ast.Assign))]
+    assert assigned, "the parameters cell assigns nothing"
+    assert set(assigned) <= set(pm.inspect_notebook(str(path))), "papermill misses some parameters"
+
+
+def test_every_profile_key_is_a_parameter_of_some_notebook():
+    declared = {name for path in NOTEBOOK_FILES for name in __import__("papermill").inspect_notebook(str(path))}
+    for profile in PROFILES.glob("*.yaml"):
+        unused = set(yaml.safe_load(profile.read_text())) - declared
+        assert not unused, f"{profile.name}: {sorted(unused)} reach no notebook"
+
+
 def _smoke_profile(tmp_path: Path) -> Path:
     raw = yaml.safe_load((PROFILES / "smoke.yaml").read_text())
     raw["data_root"] = str(tmp_path / "data" / "synthetic")
