@@ -29,6 +29,11 @@ def write_table(df: pd.DataFrame, name: str, tables_dir: str | Path, caption: st
     return folder / f"{name}.csv"
 
 
+def markdown(df: pd.DataFrame) -> str:
+    """A Markdown table with missing values shown as 'n/a' (tabulate would print 'nan')."""
+    return df.astype(object).where(df.notna(), "n/a").to_markdown(index=False)
+
+
 def mean_sd(values: pd.Series) -> str:
     values = values.dropna()
     if values.empty:
@@ -124,7 +129,7 @@ def render(profile: str, dataset: str, data_root: str, categories: Sequence[str]
                 "Run time per notebook: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
                 + f" (total {total:.0f} s)." if timings else "Run time: not recorded."]),
         "## Clean baseline",
-        baseline.to_markdown(index=False),
+        markdown(baseline),
         "",
         sentence_compare(clean, "image_auroc", "patchcore", "padim"),
         sentence_compare(clean, "pixel_auroc", "patchcore", "padim"),
@@ -152,7 +157,7 @@ def render(profile: str, dataset: str, data_root: str, categories: Sequence[str]
                   "the F1 lost to shift that each adaptation recovers (1 = back to clean, below 0 = worse than "
                   "not adapting), taken over the conditions where the shift cost more than 0.05 F1 "
                   "(`conditions_with_drop` of `conditions`):",
-                  med.round(3).to_markdown(index=False), "", "![regimes](threshold_regimes.png)"]
+                  markdown(med.round(3)), "", "![regimes](threshold_regimes.png)"]
         parts += threshold_findings(shift_drop, summary)
     needed = results.get("threshold_needed", pd.DataFrame())
     if len(needed):
@@ -164,7 +169,7 @@ def render(profile: str, dataset: str, data_root: str, categories: Sequence[str]
                      "Threshold-only recalibration never reached its full-validation F1 with the subsets tried.")
     unified = results.get("unified_metrics", pd.DataFrame())
     if len(unified):
-        parts += ["## Unified model", unified.round(3).to_markdown(index=False), ""]
+        parts += ["## Unified model", markdown(unified.round(3)), ""]
         parts += _unified_findings(results)
     eff = results.get("efficiency", pd.DataFrame())
     if len(eff):
@@ -174,7 +179,7 @@ def render(profile: str, dataset: str, data_root: str, categories: Sequence[str]
         parts += ["## Efficiency",
                   f"Each method fitted from scratch with an empty feature cache on {measured} and timed on its test "
                   "split, one after the other in the same process (backbone included in both times):",
-                  means.round(1).reset_index().to_markdown(index=False), ""]
+                  markdown(means.round(1).reset_index()), ""]
         if {"patchcore", "padim"} <= set(means.index):
             cheaper_fit = means["fit_s"].idxmin()
             smaller = means["model_mb"].idxmin()

@@ -1,5 +1,6 @@
 """The notebooks as a pipeline: committed clean, and all of them run through the runner on the smoke profile."""
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -74,9 +75,19 @@ def test_runner_executes_every_notebook_on_the_smoke_profile(tmp_path, monkeypat
     captions = json.loads((figures / "captions.json").read_text())
     for name in captions:
         assert (figures / f"{name}.png").stat().st_size > 0 and (figures / f"{name}.pdf").stat().st_size > 0
-    assert (figures / "REPORT.md").stat().st_size > 0
-    tables = list((figures / "tables").glob("*.csv"))
-    assert tables and all(t.stat().st_size > 0 for t in tables)
+    report_text = (figures / "REPORT.md").read_text()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report_text)
+    assert linked, "REPORT.md shows no figure"
+    for name in linked:  # every figure the report shows exists and is not empty
+        assert (figures / name).stat().st_size > 0, name
+    for name in ("baseline", "shift_drop", "sweep", "threshold_regimes", "unified", "efficiency"):
+        for suffix in (".csv", ".md", ".tex"):
+            assert (figures / "tables" / f"{name}{suffix}").stat().st_size > 0, f"{name}{suffix}"
+    assert "\\toprule" in (figures / "tables" / "baseline.tex").read_text(), "LaTeX tables use booktabs"
+    for section in ("## Setup", "## Clean baseline", "## Drop under shift", "## Threshold regimes", "## Unified model",
+                    "## Efficiency"):
+        assert section in report_text, section
+    assert "nan" not in report_text.lower().replace("nanoseconds", ""), "the report quotes a missing number"
 
     # A second run with nothing changed skips every notebook.
     logs = []
