@@ -90,6 +90,30 @@ def saved_settings(path: str | Path, method: str | None = None) -> tuple[str, di
     return found, json.loads(meta["settings"])
 
 
+def write_model(path: str | Path, tensors: dict, method: str, settings: dict, **metadata: str) -> Path:
+    """A detector's tensors as safetensors, with its method and settings in the metadata (what
+    :func:`saved_settings` reads back); written aside and renamed, so no reader ever sees half a model."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from helpers.paths import atomic_write
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {"method": method, "settings": json.dumps(settings), **metadata}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def read_model(cls: type[Detector], path: str | Path, device: str = "auto",
+               cache_dir: str | Path | None = None) -> tuple[Detector, dict]:
+    """An unfitted ``cls`` built from the settings a saved model records, and the model's tensors on its device."""
+    from safetensors.torch import load_file
+
+    _, settings = saved_settings(path, cls.method)
+    detector = cls(**settings, device=device, cache_dir=cache_dir)
+    return detector, load_file(str(path), device=str(detector.device))
+
+
 def load_detector(path: str | Path) -> Detector:
     """Load a saved detector of either method (the file records which)."""
     method, _ = saved_settings(path)

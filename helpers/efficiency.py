@@ -73,6 +73,16 @@ def _empty(folder: Path) -> None:
     folder.mkdir()
 
 
+def _timed(call: Callable[[], object]) -> tuple[float, float, float]:
+    """Seconds ``call()`` took, its peak resident memory and (on CUDA) peak GPU memory, in MB."""
+    gpu = _gpu_start()
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        call()
+        seconds = time.perf_counter() - start
+    return seconds, memory.peak_mb, _gpu_peak_mb(gpu)
+
+
 def measure(detector_factory: Callable[[Path], Detector], train_paths: Sequence[str | Path],
             test_paths: Sequence[str | Path], warmup: bool = True) -> dict:
     """Fit a fresh detector on ``train_paths``, predict ``test_paths``, and report what it cost.
@@ -93,24 +103,12 @@ def measure(detector_factory: Callable[[Path], Detector], train_paths: Sequence[
             _empty(cache)
         detector = detector_factory(cache)
 
-        gpu = _gpu_start()
-        with PeakRSS() as fit_memory:
-            start = time.perf_counter()
-            detector.fit(list(train_paths))
-            fit_s = time.perf_counter() - start
-        fit_gpu_mb = _gpu_peak_mb(gpu)
-
+        fit_s, fit_peak_mb, fit_gpu_mb = _timed(lambda: detector.fit(list(train_paths)))
         _empty(cache)  # test features must not come from the cache either, even if the sets overlap
-        gpu = _gpu_start()
-        with PeakRSS() as infer_memory:
-            start = time.perf_counter()
-            detector.predict(list(test_paths))
-            infer_s = time.perf_counter() - start
-        infer_gpu_mb = _gpu_peak_mb(gpu)
-
+        infer_s, infer_peak_mb, infer_gpu_mb = _timed(lambda: detector.predict(list(test_paths)))
         model_bytes = detector.save(Path(tmp) / "model.safetensors").stat().st_size
     return {"fit_s": fit_s, "infer_ms_per_image": 1000 * infer_s / len(test_paths), "model_bytes": model_bytes,
-            "fit_peak_mb": fit_memory.peak_mb, "infer_peak_mb": infer_memory.peak_mb,
+            "fit_peak_mb": fit_peak_mb, "infer_peak_mb": infer_peak_mb,
             "fit_gpu_peak_mb": fit_gpu_mb, "infer_gpu_peak_mb": infer_gpu_mb,
             "n_train": len(train_paths), "n_test": len(test_paths),
             "torch_threads": torch.get_num_threads()}  # CPU times depend on it as much as on the method

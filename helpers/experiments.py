@@ -3,7 +3,6 @@ preparation, fitted-model caching, and scoring a detector on clean or shifted sp
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,11 +116,7 @@ def fit_cached(method: str, settings: dict, train_paths: Sequence[Path], cache_d
     else:
         detector = make_detector(method, **settings)
         detector.fit(list(train_paths))
-        # Written aside and renamed: a killed run never leaves a half-written model that later loads fail on,
-        # and parallel jobs fitting the same model each rename a complete file.
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
-        detector.save(tmp)
-        tmp.replace(path)
+        detector.save(path)  # atomic (detector.write_model): parallel jobs and killed runs leave whole files
     for name in inference_only:
         if name in settings:
             setattr(detector, name, settings[name])

@@ -7,7 +7,6 @@ another stage of the same set adds a file instead of recomputing the rest.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 
 from helpers import backbones
 from helpers.data import load_image
-from helpers.paths import CACHE, cache_key
+from helpers.paths import CACHE, atomic_write, cache_key
 
 
 def file_digest(path: str | Path) -> str:
@@ -46,6 +45,11 @@ def compute(paths: Sequence[str | Path], backbone: str, image_size: int, stages:
     return {s: torch.cat(chunks[s]) for s in stages}
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save given a name would append ".npy" to the temporary one
+        np.save(f, array)
+
+
 def set_key(paths: Sequence[str | Path], backbone: str, image_size: int) -> str:
     return cache_key(kind="features", backbone=backbone, image_size=image_size,
                      files=[file_digest(p) for p in paths])
@@ -66,9 +70,6 @@ def extract(paths: Sequence[str | Path], backbone: str, image_size: int, stages:
         shared = {st for method_stages in backbones.DEFAULT_STAGES.get(backbone, {}).values() for st in method_stages}
         wanted = missing + sorted(st for st in shared if st not in missing and not (folder / f"{st}.npy").is_file())
         fresh = compute(paths, backbone, image_size, wanted, device, batch_size, progress)
-        folder.mkdir(parents=True, exist_ok=True)
-        for stage, tensor in fresh.items():
-            tmp = folder / f".{stage}.{os.getpid()}.tmp.npy"  # parallel jobs may fill the same set
-            np.save(tmp, tensor.numpy())
-            tmp.replace(folder / f"{stage}.npy")
+        for stage, tensor in fresh.items():  # parallel jobs may fill the same set
+            atomic_write(folder / f"{stage}.npy", lambda tmp: _save_npy(tmp, tensor.numpy()))
     return {s: torch.from_numpy(np.load(folder / f"{s}.npy")) for s in stages}

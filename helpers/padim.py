@@ -1,7 +1,6 @@
 """PaDiM as anomalib implements it (``PadimModel``), behind the study's :class:`~helpers.detector.Detector` API."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -9,10 +8,9 @@ import anomalib
 import numpy as np
 import torch
 from anomalib.models.image.padim.torch_model import PadimModel
-from safetensors.torch import load_file, save_file
 
 from helpers import backbones, features
-from helpers.detector import Detector, Prediction, saved_settings
+from helpers.detector import Detector, Prediction, read_model, write_model
 from helpers.threads import one_torch_thread
 
 
@@ -117,20 +115,13 @@ class Padim(Detector):
     def save(self, path: str | Path) -> Path:
         if not self.is_fitted:
             raise RuntimeError("Padim.save before fit")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"mean": self.model.gaussian.mean, "inv_covariance": self.model.gaussian.inv_covariance,
                    "idx": self.model.idx}
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
-                  metadata={"method": self.method, "settings": json.dumps(self.settings()),
-                            "anomalib_version": anomalib.__version__})
-        return path
+        return write_model(path, tensors, self.method, self.settings(), anomalib_version=anomalib.__version__)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", cache_dir: str | Path | None = None) -> "Padim":
-        _, settings = saved_settings(path, cls.method)
-        detector = cls(**settings, device=device, cache_dir=cache_dir)
-        tensors = load_file(str(path), device=str(detector.device))
+        detector, tensors = read_model(cls, path, device, cache_dir)
         # idx comes from the file, not from re-drawing it, so a model stays valid across library versions.
         detector.model.idx = tensors["idx"]
         detector.model.gaussian.mean = tensors["mean"]

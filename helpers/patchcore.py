@@ -2,7 +2,6 @@
 nearest-neighbour distance, computing what anomalib's ``PatchcoreModel`` computes, only faster."""
 from __future__ import annotations
 
-import json
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -11,10 +10,9 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from helpers import backbones, features
-from helpers.detector import Detector, Prediction, saved_settings
+from helpers.detector import Detector, Prediction, read_model, write_model
 from helpers.threads import one_torch_thread
 
 MAP_SIGMA = 4.0  # Gaussian smoothing of the anomaly map, in pixels (paper and anomalib)
@@ -408,16 +406,11 @@ class PatchCore(Detector):
     def save(self, path: str | Path) -> Path:
         if self.memory_bank is None:
             raise RuntimeError("PatchCore.save before fit")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"memory_bank": self.memory_bank.detach().cpu().contiguous(), "bank_sources": self.bank_sources.cpu()}
-        save_file(tensors, str(path), metadata={"method": self.method, "settings": json.dumps(self.settings())})
-        return path
+        return write_model(path, {"memory_bank": self.memory_bank, "bank_sources": self.bank_sources},
+                           self.method, self.settings())
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", cache_dir: str | Path | None = None) -> "PatchCore":
-        _, settings = saved_settings(path, cls.method)
-        detector = cls(**settings, device=device, cache_dir=cache_dir)
-        tensors = load_file(str(path), device=str(detector.device))
+        detector, tensors = read_model(cls, path, device, cache_dir)
         detector.memory_bank, detector.bank_sources = tensors["memory_bank"], tensors["bank_sources"].cpu()
         return detector
