@@ -2,7 +2,9 @@
 accuracy, coreset time and inference time (backbone included), next to the backbone alone.
 
 ``python -m helpers.bench patchcore --root data/synthetic --category hazelnut --n-train 100``; the last line
-printed is one JSON object.
+printed is one JSON object. ``--no-peer`` skips anomalib (its coreset alone takes ~10 minutes) to time our
+inference against the backbone in seconds; ``--study-defaults`` takes image size and coreset ratio from the
+default profile.
 """
 from __future__ import annotations
 
@@ -15,19 +17,30 @@ from typing import Callable
 import numpy as np
 import torch
 
-from helpers import backbones, metrics, splits
+from helpers import backbones, metrics, paths, splits
 from helpers.data import load_mask
 from helpers.features import image_batch
-from helpers.patchcore import PatchCore
+from helpers.patchcore import PatchCore, anomaly_maps, image_scores, rows_of
 
 BATCH = 16
 REPEAT = 3  # inference rounds (coreset timings run once: anomalib's takes minutes)
+STUDY_SETTINGS = ("image_size", "coreset_ratio", "k", "backbone")  # what --study-defaults reads from the profile
 
 
 def _timed(fn: Callable[[], object]) -> tuple[object, float]:
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt options
+
+
+def _mallopt(option: int, value: int) -> None:
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(option, value)
+    except (OSError, AttributeError):  # not glibc: nothing to work around
+        pass
 
 
 def _mmap_threshold(size: int) -> None:
@@ -37,10 +50,7 @@ def _mmap_threshold(size: int) -> None:
     its full size per step with mid-sized banks (20 images: 16 GB after 1,400 steps, then the OOM killer) and ran
     5x slower; with 100 images its temporaries exceed glibc's 32 MiB ceiling and are mmapped either way.
     """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, size)
-    except (OSError, AttributeError):  # not glibc: nothing to work around
-        pass
+    _mallopt(M_MMAP_THRESHOLD, size)
 
 
 def _batches(x: torch.Tensor):
@@ -64,7 +74,14 @@ def anomalib_patchcore(backbone: str, stages, k: int):
 @torch.no_grad()
 def bench_patchcore(root, category: str, n_train: int | None = 100, n_test: int | None = None,
                     image_size: int = 256, coreset_ratio: float = 0.1, k: int = 9,
-                    backbone: str = "efficientnet_lite0", seed: int = 0, log=print) -> dict:
+                    backbone: str = "efficientnet_lite0", seed: int = 0, peer: bool = True,
+                    repeat: int = REPEAT, log=print) -> dict:
+    """Fit both PatchCores on ``n_train`` normal images, time inference on the test split against the backbone.
+
+    ``peer=False`` leaves anomalib out (its fields are None); ``repeat`` interleaved inference rounds, best of each.
+    """
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
     manifest = splits.make_splits(root, [category], seed)
     train = splits.select(manifest, root, category, "train").iloc[:n_train]
     test = splits.select(manifest, root, category, "test").iloc[:n_test]
@@ -87,40 +104,50 @@ def bench_patchcore(root, category: str, n_train: int | None = 100, n_test: int 
     _, ours_coreset_s = _timed(lambda: ours.fit_features(train_features))
     log(f"ours: memory bank {tuple(ours.memory_bank.shape)} in {ours_coreset_s:.2f} s")
 
-    peer = anomalib_patchcore(backbone, stages, k).train()
-    for b in _batches(x_train):
-        peer(b)  # train mode stores embeddings
-    numpy_state = np.random.get_state()
-    with torch.random.fork_rng(devices=[]):  # its start point (torch) and projection (numpy) use global RNGs
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        _mmap_threshold(128 * 1024)  # glibc's initial value, pinned: every step's temporary is mmapped afresh
-        _, peer_coreset_s = _timed(lambda: peer.subsample_embedding(coreset_ratio))
-        _mmap_threshold(32 * 1024 * 1024)  # the ceiling the dynamic threshold reaches anyway, for what follows
-    np.random.set_state(numpy_state)
-    log(f"anomalib: memory bank {tuple(peer.memory_bank.shape)} in {peer_coreset_s:.2f} s")
-    peer.eval()
-
     runs = {"backbone": lambda: backbone_features(x_test),
-            "ours": lambda: ours.predict_features(backbone_features(x_test)),
-            "peer": lambda: [peer(b) for b in _batches(x_test)]}
+            "ours": lambda: ours.predict_features(backbone_features(x_test))}
+    peer_coreset_s = None
+    if peer:
+        model = anomalib_patchcore(backbone, stages, k).train()
+        for b in _batches(x_train):
+            model(b)  # train mode stores embeddings
+        numpy_state = np.random.get_state()
+        with torch.random.fork_rng(devices=[]):  # its start point (torch) and projection (numpy) use global RNGs
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            _mmap_threshold(128 * 1024)  # glibc's initial value, pinned: every step's temporary is mmapped afresh
+            _, peer_coreset_s = _timed(lambda: model.subsample_embedding(coreset_ratio))
+            _mmap_threshold(32 * 1024 * 1024)  # the ceiling the dynamic threshold reaches anyway, for what follows
+            # ... with the trim threshold glibc's own adjustment pairs with it, so that inference sees the heap's
+            # steady state whatever happened before (a heap that hands freed memory back to the kernel faults it
+            # in again on the next allocation, ~1.5 us per 4 kB here).
+            _mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024)
+        np.random.set_state(numpy_state)
+        log(f"anomalib: memory bank {tuple(model.memory_bank.shape)} in {peer_coreset_s:.2f} s")
+        model.eval()
+        runs["peer"] = lambda: [model(b) for b in _batches(x_test)]
+
     for run in runs.values():
         run()  # warm-up: first calls allocate, our search index is built
-    # Interleaved rounds, fastest of each: load from other work on shared cores drifts, and hits all three alike.
+    # Interleaved rounds, fastest of each: load from other work on shared cores drifts, and hits all alike.
     times, outputs = {name: [] for name in runs}, {}
-    for _ in range(REPEAT):
+    for _ in range(repeat):
         for name, run in runs.items():
             outputs[name], seconds = _timed(run)
             times[name].append(seconds)
-    ours_pred, peer_out = outputs["ours"], outputs["peer"]
-    backbone_s, ours_infer_s, peer_infer_s = (min(times[name]) for name in runs)
-    log(f"inference over {len(x_test)} images: backbone alone {backbone_s:.2f} s, ours {ours_infer_s:.2f} s, "
-        f"anomalib {peer_infer_s:.2f} s")
-    peer_scores = torch.cat([o.pred_score for o in peer_out]).numpy()
-    peer_maps = torch.cat([o.anomaly_map[:, 0] for o in peer_out]).numpy()
+    best = {name: min(seconds) for name, seconds in times.items()}
+    backbone_s, ours_infer_s, peer_infer_s = best["backbone"], best["ours"], best.get("peer")
+    ours_pred = outputs["ours"]
+    log(f"inference over {len(x_test)} images (best of {repeat}): backbone alone {backbone_s:.2f} s, "
+        f"ours {ours_infer_s:.2f} s" + (f", anomalib {peer_infer_s:.2f} s" if peer else ""))
 
+    phases = _phase_times(ours, backbone_features(x_test), repeat)
     ours_m = metrics.evaluate(labels, ours_pred.image_scores, masks, ours_pred.anomaly_maps)
-    peer_m = metrics.evaluate(labels, peer_scores, masks, peer_maps)
+    peer_m = {"image_auroc": None, "pixel_auroc": None}
+    if peer:
+        peer_scores = torch.cat([o.pred_score for o in outputs["peer"]]).numpy()
+        peer_maps = torch.cat([o.anomaly_map[:, 0] for o in outputs["peer"]]).numpy()
+        peer_m = metrics.evaluate(labels, peer_scores, masks, peer_maps)
     result = {
         "category": category, "n_train": len(train), "n_test": len(test), "image_size": image_size,
         "coreset_ratio": coreset_ratio, "k": k, "threads": torch.get_num_threads(),
@@ -128,22 +155,58 @@ def bench_patchcore(root, category: str, n_train: int | None = 100, n_test: int 
         "ours_pixel_auroc": ours_m["pixel_auroc"], "peer_pixel_auroc": peer_m["pixel_auroc"],
         "ours_coreset_s": ours_coreset_s, "peer_coreset_s": peer_coreset_s,
         "ours_infer_s": ours_infer_s, "peer_infer_s": peer_infer_s, "backbone_s": backbone_s,
-        "coreset_speedup": peer_coreset_s / ours_coreset_s, "infer_over_backbone": ours_infer_s / backbone_s,
+        "coreset_speedup": None if peer_coreset_s is None else peer_coreset_s / ours_coreset_s,
+        "infer_over_backbone": ours_infer_s / backbone_s, "repeat": repeat,
+        "backbone_times_s": times["backbone"], "ours_times_s": times["ours"], "ours_phases_s": phases,
     }
     log(_table(result))
     return result
 
 
+def _phase_times(model: PatchCore, feats: dict[str, torch.Tensor], repeat: int) -> dict[str, float]:
+    """Best-of-``repeat`` seconds of each step of ``predict_features`` on ``feats`` (one batch), run one by one
+    with the same calls; their sum can differ from the timed ``predict_features`` by its bookkeeping."""
+    steps = {}
+
+    def embed():
+        steps["emb"] = model.embed(feats)
+        steps["rows"] = rows_of(steps["emb"])
+
+    def search():
+        steps["d2"], steps["loc"] = model.index().search(steps["rows"])
+
+    def scores():
+        b, _, h, w = steps["emb"].shape
+        patch = steps["d2"].sqrt().view(b, h * w)
+        image_scores(patch, steps["loc"].view(b, -1), steps["rows"].view(b, h * w, -1), model.memory_bank, model.k)
+        steps["grid"] = patch.view(b, h, w)
+
+    def maps():
+        anomaly_maps(steps["grid"], model.image_size).numpy()
+
+    runs = {"embed": embed, "search": search, "image_scores": scores, "anomaly_maps": maps}
+    times = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            times[name].append(_timed(run)[1])
+    return {name: min(seconds) for name, seconds in times.items()}
+
+
 def _table(r: dict) -> str:
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    def fmt(v, digits=4):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    speedup = "-" if r["coreset_speedup"] is None else f"{r['coreset_speedup']:.1f}x"
     return "\n".join([
         f"{'':16}{'ours':>10}{'anomalib':>10}",
         f"{'image AUROC':16}{fmt(r['ours_image_auroc']):>10}{fmt(r['peer_image_auroc']):>10}",
         f"{'pixel AUROC':16}{fmt(r['ours_pixel_auroc']):>10}{fmt(r['peer_pixel_auroc']):>10}",
-        f"{'coreset s':16}{r['ours_coreset_s']:>10.2f}{r['peer_coreset_s']:>10.2f}",
-        f"{'inference s':16}{r['ours_infer_s']:>10.2f}{r['peer_infer_s']:>10.2f}",
-        f"backbone alone {r['backbone_s']:.2f} s; coreset speed-up {r['coreset_speedup']:.1f}x; "
-        f"our inference / backbone {r['infer_over_backbone']:.2f}",
+        f"{'coreset s':16}{fmt(r['ours_coreset_s'], 2):>10}{fmt(r['peer_coreset_s'], 2):>10}",
+        f"{'inference s':16}{fmt(r['ours_infer_s'], 2):>10}{fmt(r['peer_infer_s'], 2):>10}",
+        f"backbone alone {r['backbone_s']:.2f} s; coreset speed-up {speedup}; "
+        f"our inference / backbone {r['infer_over_backbone']:.3f}",
+        "after the backbone (best of each): " + ", ".join(f"{name} {seconds * 1e3:.1f} ms"
+                                                          for name, seconds in r["ours_phases_s"].items()),
     ])
 
 
@@ -154,15 +217,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--category", required=True)
     parser.add_argument("--n-train", type=int, default=100)
     parser.add_argument("--n-test", type=int, default=None)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--coreset-ratio", type=float, default=0.1)
-    parser.add_argument("--k", type=int, default=9)
+    parser.add_argument("--image-size", type=int, default=None, help="default 256")
+    parser.add_argument("--coreset-ratio", type=float, default=None, help="default 0.1")
+    parser.add_argument("--k", type=int, default=None, help="default 9")
+    parser.add_argument("--study-defaults", action="store_true",
+                        help="image size, coreset ratio, k and backbone of the default profile (explicit flags win)")
+    parser.add_argument("--no-peer", action="store_true", help="leave anomalib out: our inference against the "
+                        "backbone only, in seconds instead of ~10 minutes")
+    parser.add_argument("--repeat", type=int, default=REPEAT, help="interleaved inference rounds, best of each")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = bench_patchcore(args.root, args.category, args.n_train, args.n_test, args.image_size,
-                             args.coreset_ratio, args.k)
+    settings = {"image_size": 256, "coreset_ratio": 0.1, "k": 9, "backbone": "efficientnet_lite0"}
+    if args.study_defaults:
+        profile = paths.load_profile("default").notebook_parameters()
+        settings.update({name: profile[name] for name in STUDY_SETTINGS})
+    settings.update({name: getattr(args, name) for name in ("image_size", "coreset_ratio", "k")
+                     if getattr(args, name) is not None})
+    result = bench_patchcore(args.root, args.category, args.n_train, args.n_test, peer=not args.no_peer,
+                             repeat=args.repeat, **settings)
     print(json.dumps(result))
     return 0
 
