@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
-from helpers import backbones, bench, evaluate, features, splits
+from helpers import backbones, bench, evaluate, features, paths, splits
 from helpers.data import list_samples, load_mask
 from helpers.detector import load_detector
-from helpers.patchcore import (BankIndex, PatchCore, amx_available, anomaly_maps, coreset_indices, greedy_kcenter,
+from helpers.patchcore import (BankIndex, PatchCore, fast_bf16_available, anomaly_maps, coreset_indices, greedy_kcenter,
                                patch_embedding, random_projection, rows_of)
 from tests.conftest import write_tiny_mvtec
 
@@ -113,18 +113,37 @@ def test_greedy_coreset_picks_the_reference_greedy_indices():
     assert picked.tolist() == _reference_greedy(random_projection(bank, 16, seed=5), 70, int(picked[0]))
 
 
-@pytest.mark.parametrize("backend", ["amx", "faiss", "torch"])
+@pytest.mark.parametrize("backend", ["bf16", "faiss", "torch"])
 def test_every_search_backend_finds_the_exact_nearest_neighbour(backend):
-    if backend == "amx" and not amx_available():
-        pytest.skip("no AMX on this CPU")
+    if backend == "bf16" and not fast_bf16_available():
+        pytest.skip("no fast bfloat16 products on this CPU")
     gen = torch.Generator().manual_seed(1)
     bank = torch.randn(1000, 152, generator=gen) * 3 + 5  # offset: the bf16 path must handle a large mean
+    bank = torch.cat([bank, bank[10:15]])  # exact duplicates: ties go to the lower index
     queries = torch.cat([bank[:50] + 1e-3 * torch.randn(50, 152, generator=gen),  # near-duplicates
-                         torch.randn(300, 152, generator=gen) * 3 + 5])
-    exact = torch.cdist(queries.double(), bank.double()).min(1)
-    d2, idx = BankIndex(bank, backend).search(queries, chunk=128)
-    assert torch.equal(idx, exact.indices)
-    np.testing.assert_allclose(d2.sqrt().double().numpy(), exact.values.numpy(), rtol=1e-5, atol=1e-4)
+                         bank[50:60],  # exact copies: distance 0, where bfloat16 can round below zero
+                         torch.randn(1100, 152, generator=gen) * 3 + 5])  # more than one group of queries
+    dists = torch.cdist(queries.double(), bank.double(), compute_mode="donot_use_mm_for_euclid_dist").numpy()
+    expected = torch.from_numpy(dists.argmin(1))  # numpy's argmin returns the first of equal minima
+    index = BankIndex(bank, backend)
+    for chunk in (None, 128, 1000):  # default, several chunks per group, a chunk that splits a group unevenly
+        d2, idx = index.search(queries, chunk=chunk)
+        assert torch.equal(idx, expected), chunk
+        np.testing.assert_allclose(d2.sqrt().double().numpy(), dists.min(1), rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_search_resolves_ties_finer_than_bfloat16():
+    if not fast_bf16_available():
+        pytest.skip("no fast bfloat16 products on this CPU")
+    gen = torch.Generator().manual_seed(2)
+    queries = torch.randn(40, 152, generator=gen) * 3 + 5
+    away = F.normalize(torch.randn(2, 40, 152, generator=gen), dim=2)
+    # Two rows per query at distances 4 (1 + 1e-5) and 4: bfloat16 (8 bits) cannot order them, float32 can.
+    bank = torch.cat([torch.randn(500, 152, generator=gen) * 3 + 5, queries + 4 * (1 + 1e-5) * away[0],
+                      queries + 4 * away[1]])
+    d2, idx = BankIndex(bank, "bf16").search(queries)
+    assert torch.equal(idx, torch.arange(540, 580))
+    np.testing.assert_allclose(d2.sqrt().numpy(), 4, rtol=1e-5)
 
 
 def test_seeded_fits_are_identical_and_seeds_matter(tiny):
@@ -214,3 +233,19 @@ def test_bench_runs_both_implementations_on_the_same_images(tmp_path):
         assert 0 <= result[key] <= 1, key
     assert result["coreset_speedup"] == result["peer_coreset_s"] / result["ours_coreset_s"]
     assert result["infer_over_backbone"] == result["ours_infer_s"] / result["backbone_s"]
+
+
+def test_bench_without_peer_at_study_defaults_times_ours_against_the_backbone(tmp_path, capsys):
+    root = write_tiny_mvtec(tmp_path / "data", categories=("alpha",))
+    argv = ["patchcore", "--root", str(root), "--category", "alpha", "--n-train", "6", "--no-peer",
+            "--study-defaults", "--image-size", "64", "--repeat", "2"]  # an explicit flag wins over the profile
+    assert bench.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    profile = paths.load_profile("default").notebook_parameters()
+    assert result["image_size"] == 64 and result["coreset_ratio"] == profile["coreset_ratio"] != 0.1
+    assert result["peer_infer_s"] is None and result["peer_coreset_s"] is None and result["coreset_speedup"] is None
+    assert len(result["ours_times_s"]) == len(result["backbone_times_s"]) == 2
+    assert result["ours_infer_s"] == min(result["ours_times_s"]) and result["ours_phases_s"]["search"] > 0
+    assert set(result["ours_phases_s"]) == {"embed", "search", "image_scores", "anomaly_maps"}
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--repeat", "0"])
