@@ -206,7 +206,7 @@ class BankIndex:
 
     def search(self, queries: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared distance to, and index of, the nearest bank row for each query row; ``chunk`` queries at a
-        time (default: sized to the bank)."""
+        time (default: sized to the bank for bf16, 512 otherwise)."""
         queries = queries.float().to(self.bank.device)
         if self.backend == "bf16":
             sized = max(64, min(_GROUP, _PRODUCT_SIZE // len(self.aug) // 64 * 64))  # multiples of 64 queries
