@@ -1,0 +1,412 @@
+"""The study's one typed configuration: frozen sections with their documented defaults, loaded from a profile
+(``profiles/<name>.yaml``) plus optional overrides, validated key by key, and hashed into the run it names.
+
+A profile states only what differs from the defaults below; a misspelt key, a wrong type or a missing
+required key stops with a :class:`ProfileError` naming the file, the key and, for a misspelling, the closest
+valid key. ``python -m helpers.config --profile NAME`` prints the resolved configuration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from helpers.paths import PROFILES
+
+
+class ProfileError(ValueError):
+    """A profile or override holds an unknown key, a wrong type or a bad value; the message names the file and key."""
+
+# --- sections -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """Sizes of the generated dataset (``data.dataset: synthetic``), per category and data draw."""
+
+    size: int = 256  # image side in pixels
+    n_train: int = 200  # normal images in train/good
+    n_test_good: int = 40
+    n_per_defect: int = 20  # test images per defect type (three types per category)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images, and how they are drawn and split. A data draw ``d`` is split seed ``d``; for generated
+    data it is also generator seed ``d``, so a draw changes the images themselves."""
+
+    dataset: Literal["synthetic", "mvtec", "folder"]  # folder: any MVTec AD / AD 2 layout placed by hand
+    root: str
+    categories: tuple[str, ...]
+    draws: tuple[int, ...] = (0, 1, 2)
+    synthetic: SyntheticData = field(default_factory=SyntheticData)
+    calib_size: int | None = 40  # train normals held out per category for normal-only calibration
+    val_fraction: float = 0.5  # share of the labelled test folder used for (oracle) validation
+    n_train: int | None = None  # cap on training normals per category (None: all not held out)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What every detector shares: the frozen backbone, the input size, the model seeds, the device."""
+
+    backbone: str = "efficientnet_lite0"
+    image_size: int = 224
+    seeds: tuple[int, ...] = (0, 1, 2)  # coreset / feature-subset seeds
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class ShiftConfig:
+    """MVTec-Shift conditions the drop study scores (severity 0, the clean data, is always included)."""
+
+    root: str = "data/shift"
+    seed: int = 0
+    modes: tuple[Literal["domain", "per_image"], ...] = ("domain", "per_image")
+    transforms: tuple[str, ...] = ("brightness", "blur", "spotlight", "rotation", "mixed")
+    severities: tuple[int, ...] = (1, 3, 5)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One-at-a-time hyperparameter sweeps, clean and under ``shifts``; ``grids`` overrides a method's
+    registered grid per parameter (``{patchcore: {coreset_ratio: [0.01, 0.1]}}``)."""
+
+    shifts: tuple[tuple[str, int], ...] = (("spotlight", 3),)
+    grids: dict[str, dict[str, tuple[Any, ...]]] = field(default_factory=dict)
+    second_backbone: str | None = "resnet18"  # swept only when its weights are on this machine
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    """Threshold regimes under shift."""
+
+    policies: tuple[str, ...] = ("f1_optimal", "normal_percentile", "mean_3sigma")
+    transforms: tuple[str, ...] = ("spotlight", "mixed")
+    severities: tuple[int, ...] = (3,)
+
+
+@dataclass(frozen=True)
+class UnifiedConfig:
+    """The unified setting: one model on the pooled normals of ``categories`` (default: all of the data's)."""
+
+    categories: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class EfficiencyConfig:
+    categories: tuple[str, ...] | None = None  # fitted from scratch and timed; None: the first data category
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How jobs run; never changes a result, so it is left out of the run's hash."""
+
+    workers: int = 0  # parallel jobs; 0: one per CPU core
+    engine: Literal["local", "dask"] = "local"
+    scheduler: str | None = None  # dask scheduler address; None starts a LocalCluster
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where runs and published figures go; left out of the run's hash."""
+
+    runs_dir: str = "runs"
+    figures_dir: str | None = None  # the run's figures and report are copied here (None: not published)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    methods: dict[str, Any] = field(default_factory=dict)  # method name -> its registered settings dataclass
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
+    unified: UnifiedConfig = field(default_factory=UnifiedConfig)
+    efficiency: EfficiencyConfig = field(default_factory=EfficiencyConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def method_names(self) -> tuple[str, ...]:
+        return tuple(self.methods)
+
+    @property
+    def unified_categories(self) -> tuple[str, ...]:
+        return self.unified.categories or self.data.categories
+
+
+DEFAULT_METHODS = ("patchcore", "padim")
+# Sections that change how or where a run executes, never what it computes.
+UNHASHED = ("execution", "output")
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+class _Bad(Exception):
+    """A value does not fit its type; the message says what was expected."""
+
+
+def _coerce(tp, value, where: str, source: str):
+    """``value`` checked against the annotation ``tp`` (lists become tuples); _Bad when it does not fit."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return _freeze(value)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where, source)
+            except _Bad as exc:
+                errors.append(str(exc))
+        raise _Bad(" or ".join(errors) + (" or null" if type(None) in args else ""))
+    if origin is Literal:
+        if value not in args:
+            raise _Bad(f"one of {', '.join(map(repr, args))}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _Bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Bad("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _Bad("a string")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Bad("a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]", source) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise _Bad(f"a list of {len(args)} values")
+        return tuple(_coerce(a, v, f"{where}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _Bad("a mapping")
+        key_type, value_type = args
+        return {_coerce(key_type, k, where, source): _coerce(value_type, v, _join(where, str(k)), source)
+                for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where, source)
+    raise TypeError(f"configuration type {tp!r} at {where} is not supported")  # a bug in this module
+
+
+def _freeze(value):
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _freeze(v) for k, v in value.items()}
+    return value
+
+
+def build(cls, raw, where: str = "", source: str = "configuration"):
+    """An instance of the frozen dataclass ``cls`` from a mapping: unknown keys, wrong types and missing required
+    keys raise a ProfileError naming ``source`` and the dotted key."""
+    if not isinstance(raw, Mapping):
+        raise ProfileError(f"{source}: '{where or 'top level'}' must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            hint = f"did you mean '{_join(where, close[0])}'?" if close else f"valid keys: {', '.join(fields)}"
+            raise ProfileError(f"{source}: unknown key '{_join(where, str(key))}' ({hint})")
+    values = {}
+    for name, f in fields.items():
+        key = _join(where, name)
+        if name in raw:
+            if name == "methods" and cls is StudyConfig:
+                continue  # validated against the method registry below
+            try:
+                values[name] = _coerce(hints[name], raw[name], key, source)
+            except _Bad as exc:
+                raise ProfileError(f"{source}: '{key}' must be {exc}, got {raw[name]!r}") from None
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ProfileError(f"{source}: missing required key '{key}'")
+    if cls is StudyConfig:
+        values["methods"] = _methods(raw.get("methods"), source)
+    return cls(**values)
+
+
+def _methods(raw, source: str) -> dict[str, Any]:
+    """Method blocks over the defaults (every default method, with its registered settings); ``name: null``
+    leaves a method out, a new name adds a registered method."""
+    from helpers import registry
+
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ProfileError(f"{source}: 'methods' must be a mapping of method name to settings")
+    merged: dict[str, Any] = {name: {} for name in DEFAULT_METHODS}
+    for name, block in raw.items():
+        if block is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = block
+    out = {}
+    for name, block in merged.items():
+        if name not in registry.names():
+            close = difflib.get_close_matches(str(name), registry.names(), n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else f"registered: {', '.join(registry.names())}"
+            raise ProfileError(f"{source}: unknown method 'methods.{name}' ({hint})")
+        out[name] = build(registry.get(name).settings, block, f"methods.{name}", source)
+    if not out:
+        raise ProfileError(f"{source}: 'methods' leaves no method to run")
+    return out
+
+
+def deep_merge(base: Mapping, extra: Mapping) -> dict:
+    """``extra`` over ``base``, mapping by mapping; a dotted key (``methods.patchcore.k``) addresses a nested one."""
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in base.items()}
+    for key, value in extra.items():
+        if isinstance(key, str) and "." in key:
+            head, rest = key.split(".", 1)
+            value, key = {rest: value}, head
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = dict(deep_merge({}, value)) if isinstance(value, Mapping) else value
+    return out
+
+
+def profile_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PROFILES / f"{name_or_path}.yaml"
+    return path
+
+
+def read_profile(name_or_path: str | Path) -> tuple[str, dict, Path]:
+    """(profile name, raw mapping, path) of ``profiles/<name>.yaml`` or a YAML path."""
+    path = profile_path(name_or_path)
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
+        raise ProfileError(f"profile file {path} does not exist (known profiles: {', '.join(known)})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return path.stem, raw, path
+
+
+def load(profile: str | Path = "default", overrides: Mapping | None = None) -> StudyConfig:
+    """The resolved configuration of a profile with ``overrides`` (nested or dotted keys) applied on top."""
+    _, raw, path = read_profile(profile)
+    source = str(path) if not overrides else f"{path} with overrides {dict(overrides)}"
+    config = build(StudyConfig, deep_merge(raw, dict(overrides or {})), "", source)
+    check(config, source)
+    return config
+
+
+def check(config: StudyConfig, source: str) -> None:
+    """Cross-field rules a type cannot express; each names its key."""
+    from helpers import backbones
+
+    def bad(key, message):
+        raise ProfileError(f"{source}: '{key}' {message}")
+
+    data, model = config.data, config.model
+    if not data.categories:
+        bad("data.categories", "must list at least one category")
+    if len(set(data.categories)) != len(data.categories):
+        bad("data.categories", f"lists a category twice: {list(data.categories)}")
+    if not data.draws:
+        bad("data.draws", "must list at least one data draw")
+    if not 0 < data.val_fraction < 1:
+        bad("data.val_fraction", f"must lie in (0, 1), got {data.val_fraction}")
+    if data.calib_size is not None and data.calib_size < 0:
+        bad("data.calib_size", f"must be >= 0, got {data.calib_size}")
+    if model.image_size < 32:
+        bad("model.image_size", f"must be at least 32, got {model.image_size}")
+    if not model.seeds:
+        bad("model.seeds", "must list at least one seed")
+    if model.backbone not in backbones.REGISTRY:
+        bad("model.backbone", f"must be one of {', '.join(backbones.REGISTRY)}, got {model.backbone!r}")
+    if config.execution.workers < 0:
+        bad("execution.workers", f"must be 0 (one per core) or a positive count, got {config.execution.workers}")
+    unknown = set(config.efficiency.categories or ()) - set(data.categories)
+    if unknown:
+        bad("efficiency.categories", f"must be a subset of data.categories, got {sorted(unknown)}")
+    unknown = set(config.unified.categories or ()) - set(data.categories)
+    if unknown:
+        bad("unified.categories", f"must be a subset of data.categories, got {sorted(unknown)}")
+    for name, grid in config.sweep.grids.items():
+        if name not in config.methods:
+            bad(f"sweep.grids.{name}", f"names no method of this study ({', '.join(config.methods)})")
+
+
+# --- identity -----------------------------------------------------------------------------------------------
+
+
+def to_dict(config) -> dict:
+    """Plain nested mapping (tuples as lists) of a configuration, method settings included."""
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def run_hash(config: StudyConfig) -> str:
+    """Eight hex digits of everything that changes a result (execution and output settings excluded)."""
+    body = {k: v for k, v in to_dict(config).items() if k not in UNHASHED}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def dump(config: StudyConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None, width=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="default")
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.profile)
+    except ProfileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"# profile {args.profile}, run hash {run_hash(config)}")
+    print(dump(config), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
