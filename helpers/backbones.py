@@ -31,6 +31,17 @@ class BackboneSpec:
     weights: Callable[[], dict[str, torch.Tensor]]  # full-model state dict in timm naming
     weights_file: str  # what a user places by hand, for the error message
 
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """Stages from shallowest to deepest."""
+        return tuple(self.stages)
+
+    @property
+    def patch_stages(self) -> tuple[str, ...]:
+        """The stride-4, -8 and -16 stages: what patch-level methods draw on. One backbone pass fills all of
+        them in the feature cache, so no method ever runs the backbone twice over the same images."""
+        return tuple(name for name, stride in self.stages.items() if stride <= 16)
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -102,15 +113,6 @@ REGISTRY: dict[str, BackboneSpec] = {
                                      "https://download.pytorch.org/models/resnet18-f37072fd.pth"),
         weights_file="resnet18-f37072fd.pth"),
 }
-
-# The stages each method uses by default: the stride-8/16 pair for PatchCore (ResNet's layer2+layer3),
-# the stride-4/8/16 triple for PaDiM (layer1..layer3).
-DEFAULT_STAGES = {
-    "efficientnet_lite0": {"patchcore": ("blocks.2", "blocks.4"), "padim": ("blocks.1", "blocks.2", "blocks.4")},
-    "wide_resnet50_2": {"patchcore": ("layer2", "layer3"), "padim": ("layer1", "layer2", "layer3")},
-    "resnet18": {"patchcore": ("layer2", "layer3"), "padim": ("layer1", "layer2", "layer3")},
-}
-
 
 def spec(name: str) -> BackboneSpec:
     if name not in REGISTRY:

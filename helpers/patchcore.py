@@ -3,6 +3,7 @@ nearest-neighbour distance, computing what anomalib's ``PatchcoreModel`` compute
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import backbones, features
+from helpers import backbones, registry
 from helpers.detector import Detector, Prediction, read_model, write_model
 from helpers.threads import one_torch_thread
 
@@ -314,6 +315,22 @@ def anomaly_maps(patch_scores: torch.Tensor, image_size: int, sigma: float = MAP
 
 # --- detector -----------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class PatchCoreSettings:
+    """The profile block ``methods.patchcore``."""
+
+    coreset_ratio: float = 0.01  # share of training patches kept in the memory bank
+    k: int = 9  # bank neighbours of the image-score re-weighting (1: no re-weighting)
+    stages: tuple[str, ...] | None = None  # None: the backbone's stride-8 and stride-16 stages
+    projection_dim: int | None = 128  # random projection for the coreset distances
+    target_dim: int | None = None  # channel pooling of the embedding (the paper's reference code)
+
+
+def default_stages(backbone: str) -> tuple[str, ...]:
+    """The mid-level pair (ResNet's layer2 + layer3): the second and third of the backbone's stages."""
+    return tuple(backbones.spec(backbone).stage_names[1:3])
+
+
 class PatchCore(Detector):
     """Our PatchCore: memory bank from a fast exact greedy coreset, exact nearest-neighbour scoring."""
 
@@ -325,10 +342,10 @@ class PatchCore(Detector):
                  projection_dim: int | None = 128, seed: int = 0, device: str = "auto",
                  cache_dir: str | Path | None = None) -> None:
         self.backbone = backbone
-        default = backbones.DEFAULT_STAGES.get(backbone, {}).get("patchcore", ())
         order = list(backbones.spec(backbone).stages)
         # Shallowest first: its grid is the patch grid, the deeper stages are resized to it.
-        self.stages = tuple(sorted(backbones.check_stages(backbone, stages or default), key=order.index))
+        self.stages = tuple(sorted(backbones.check_stages(backbone, stages or default_stages(backbone)),
+                                   key=order.index))
         self.image_size = int(image_size)
         if not 0 < coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
@@ -346,6 +363,13 @@ class PatchCore(Detector):
         self.bank_sources: torch.Tensor | None = None
         self._index: BankIndex | None = None
 
+    @classmethod
+    def from_settings(cls, settings: PatchCoreSettings, *, backbone: str, image_size: int, seed: int,
+                      device: str = "auto", cache_dir: str | Path | None = None) -> "PatchCore":
+        return cls(backbone=backbone, stages=settings.stages, image_size=image_size,
+                   coreset_ratio=settings.coreset_ratio, k=settings.k, target_dim=settings.target_dim,
+                   projection_dim=settings.projection_dim, seed=seed, device=device, cache_dir=cache_dir)
+
     def settings(self) -> dict:
         # device and cache_dir change where and how fast, never what: they stay out, as in Padim.settings().
         return {"backbone": self.backbone, "stages": list(self.stages), "image_size": self.image_size,
@@ -355,13 +379,6 @@ class PatchCore(Detector):
     def embed(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """Backbone features ``{stage: (N, C, h, w)}`` to patch embeddings ``(N, D, h, w)`` on the device."""
         return patch_embedding({s: feats[s].to(self.device) for s in self.stages}, self.stages, self.target_dim)
-
-    def _features(self, paths: Sequence[str | Path]) -> dict[str, torch.Tensor]:
-        return features.extract(list(paths), self.backbone, self.image_size, self.stages,
-                                device=str(self.device), cache_dir=self.cache_dir, progress=False)
-
-    def fit(self, images: Sequence[str | Path]) -> "PatchCore":
-        return self.fit_features(self._features(images))
 
     @torch.no_grad()
     def fit_features(self, feats: dict[str, torch.Tensor]) -> "PatchCore":
@@ -374,9 +391,6 @@ class PatchCore(Detector):
         self.bank_sources = keep
         self._index = None
         return self
-
-    def predict(self, images: Sequence[str | Path]) -> Prediction:
-        return self.predict_features(self._features(images))
 
     def index(self) -> BankIndex:
         """The nearest-neighbour index over the memory bank, built on first use."""
@@ -414,3 +428,22 @@ class PatchCore(Detector):
         detector, tensors = read_model(cls, path, device, cache_dir)
         detector.memory_bank, detector.bank_sources = tensors["memory_bank"], tensors["bank_sources"].cpu()
         return detector
+
+    @torch.no_grad()
+    def patch_neighbours(self, feats: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Per test patch ``(N, h, w)``: its distance to the nearest bank entry and the training-patch row
+        (image-major) that entry was sampled from."""
+        emb = self.embed(feats)
+        n, _, h, w = emb.shape
+        d2, loc = self.index().search(rows_of(emb))
+        sources = self.bank_sources.to(loc.device)[loc]
+        return d2.sqrt().view(n, h, w).cpu().numpy(), sources.view(n, h, w).cpu().numpy()
+
+
+SPEC = registry.register(registry.MethodSpec(
+    name="patchcore", detector=PatchCore, settings=PatchCoreSettings, label="PatchCore", colour="C0",
+    marker="o", linestyle="-",
+    sweep_grid=lambda settings, backbone, image_size: {
+        "coreset_ratio": [0.01, 0.1], "k": [1, 9], "image_size": [image_size, 256],
+        "stages": [list(default_stages(backbone)), *[[s] for s in default_stages(backbone)],
+                   list(backbones.spec(backbone).stage_names[0:2])]}))

@@ -19,7 +19,7 @@ from helpers.patchcore import (BankIndex, PatchCore, amx_available, anomaly_maps
 from tests.conftest import write_tiny_mvtec
 
 BACKBONE = "efficientnet_lite0"
-STAGES = backbones.DEFAULT_STAGES[BACKBONE]["patchcore"]
+STAGES = default_stages(BACKBONE)
 SIZE = 64
 
 
