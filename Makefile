@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup study test lab bench clean-runs
+.PHONY: setup study test lint lab bench clean-runs
 
 setup: $(STAMP)
 
@@ -21,8 +21,11 @@ $(STAMP): requirements.txt pyproject.toml
 study: setup
 	$(PY) -m helpers.study --profile $(PROFILE)
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check --no-cache helpers data_prep tests notebooks
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
@@ -30,5 +33,8 @@ lab: setup
 bench: setup
 	$(PY) -m helpers.bench patchcore --root data/synthetic --category hazelnut --n-train 100
 
+# Removes this profile's runs, and the staging folders and temporary files a killed run can leave behind.
 clean-runs:
-	rm -rf runs/$(PROFILE)
+	rm -rf runs/$(PROFILE)-*
+	find data cache -name '.synthetic-staging-*' -prune -exec rm -rf {} + 2>/dev/null || true
+	find cache -name '.*.tmp' -delete 2>/dev/null || true

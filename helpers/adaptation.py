@@ -13,6 +13,8 @@ import pandas as pd
 
 from helpers import experiments, thresholds
 from helpers.detector import Detector
+from helpers.paths import Run
+from helpers.registry import DetectorConfig
 from helpers.thresholds import ScoreSet
 
 
@@ -23,30 +25,31 @@ def score_set(detector: Detector, rows: pd.DataFrame) -> ScoreSet:
                     prediction.anomaly_maps if masks is not None else None)
 
 
-def regimes_for(method: str, settings: dict, ctx: experiments.Context, manifest: pd.DataFrame, category: str,
-                transform: str, severity: int) -> dict[str, tuple[ScoreSet, ScoreSet]]:
+def regimes_for(config: DetectorConfig, run: Run, draw: int, category: str,
+                condition: experiments.Condition) -> dict[str, tuple[ScoreSet, ScoreSet]]:
     """(validation, test) score sets of each regime for one category and shifted condition."""
-    clean_model = experiments.fit_cached(method, settings, experiments.train_paths(manifest, ctx, category))
-    shifted_model = experiments.fit_cached(
-        method, settings, experiments.train_paths(manifest, ctx, category, transform, severity))
+    clean_model = experiments.fit_cached(config, experiments.train_paths(run, draw, category))
+    shifted_model = experiments.fit_cached(config, experiments.train_paths(run, draw, category, condition))
 
-    def scored(model, split, t="none", s=0):
-        return score_set(model, experiments.rows_of(manifest, ctx, category, split, t, s))
+    def scored(model, split, cond=experiments.CLEAN):
+        return score_set(model, experiments.rows_of(run, draw, category, split, cond))
 
     clean_val, clean_test = scored(clean_model, "val"), scored(clean_model, "test")
-    shifted_val, shifted_test = scored(clean_model, "val", transform, severity), scored(clean_model, "test", transform, severity)
-    refit_val, refit_test = scored(shifted_model, "val", transform, severity), scored(shifted_model, "test", transform, severity)
+    shifted_val, shifted_test = scored(clean_model, "val", condition), scored(clean_model, "test", condition)
+    refit_val, refit_test = scored(shifted_model, "val", condition), scored(shifted_model, "test", condition)
     return {"clean": (clean_val, clean_test), "none": (clean_val, shifted_test),
             "threshold_only": (shifted_val, shifted_test), "full": (refit_val, refit_test)}
 
 
-def _regime_job(method: str, settings: dict, ctx: experiments.Context, manifest: pd.DataFrame, category: str,
-                transform: str, severity: int, policies: Sequence[str], seed: int, recovery_n: Sequence[int],
-                recovery_n_anomalous: Sequence[int], recovery_repeats: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _regime_job(config: DetectorConfig, run: Run, draw: int, category: str, condition: experiments.Condition,
+                policies: Sequence[str], recovery_n: Sequence[int], recovery_n_anomalous: Sequence[int],
+                recovery_repeats: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     import warnings
 
-    labels = dict(method=method, category=category, transform=transform, severity=severity, seed=seed)
-    regimes = regimes_for(method, {**settings, "seed": seed}, ctx, manifest, category, transform, severity)
+    seed = config.seed
+    labels = dict(method=config.method, category=category, transform=condition.transform,
+                  severity=condition.severity, seed=seed)
+    regimes = regimes_for(config, run, draw, category, condition)
     curves = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # fallbacks are recorded in each row's note
@@ -60,18 +63,19 @@ def _regime_job(method: str, settings: dict, ctx: experiments.Context, manifest:
     return table.assign(**labels), pd.concat(curves, ignore_index=True)
 
 
-def run(methods: dict[str, dict], ctx: experiments.Context, manifest: pd.DataFrame,
-        conditions: Sequence[tuple[str, int]], policies: Sequence[str], seed: int = 0,
+def run(study: Run, conditions: Sequence[experiments.Condition], draw: int = 0,
         recovery_n: Sequence[int] = (2, 4, 8, 16), recovery_n_anomalous: Sequence[int] = (0, 1, 2, 4),
-        recovery_repeats: int = 20, workers: int | None = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+        recovery_repeats: int = 20) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The regime table (one row per method, category, condition, regime, policy) and the recovery curves;
-    each (method, category, condition) is one of ``workers`` parallel jobs."""
+    each (method, category, condition) is one parallel job."""
+    from helpers import registry
     from helpers.parallel import run_jobs
 
-    jobs = [(m, methods[m], ctx, manifest, c, t, s, list(policies), seed, list(recovery_n),
+    cfg = study.config
+    jobs = [(registry.configured(cfg, m), study, draw, c, cond, list(cfg.thresholds.policies), list(recovery_n),
              list(recovery_n_anomalous), recovery_repeats)
-            for m in methods for c in ctx.categories for t, s in conditions]
-    results = run_jobs(_regime_job, jobs, workers, desc="threshold regimes")
+            for m in cfg.methods for c in cfg.data.categories for cond in conditions]
+    results = run_jobs(_regime_job, jobs, cfg.execution, desc="threshold regimes")
     return (pd.concat([table for table, _ in results], ignore_index=True),
             pd.concat([curves for _, curves in results], ignore_index=True))
 

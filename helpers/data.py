@@ -119,3 +119,19 @@ def load_mask(path: str | Path | None, shape: tuple[int, int] | None = None, siz
     if size is not None and grey.size != (size, size):
         grey = grey.resize((size, size), Image.NEAREST)
     return np.asarray(grey) > 0
+
+
+SHIFT_MANIFEST = "shift_manifest.csv"  # written by data_prep.shift into every shifted copy
+
+
+def shift_labels(root: str | Path) -> dict[str, int]:
+    """Sample key -> label after the shift, from a shifted copy's manifest; empty for a root without one.
+
+    A shift can move a defect out of the frame; the copy's manifest records the label its mask leaves."""
+    import pandas as pd
+
+    path = Path(root) / SHIFT_MANIFEST
+    if not path.is_file():
+        return {}
+    df = pd.read_csv(path, dtype={"image": str}, keep_default_na=False, usecols=["image", "label_after"])
+    return dict(zip(df["image"], df["label_after"].astype(int)))

@@ -51,11 +51,13 @@ def _executor(n: int, threads: int) -> ProcessPoolExecutor:
     return _pool[1]
 
 
-def run_jobs(fn: Callable, jobs: Sequence[tuple], workers: int | None = 1, desc: str | None = None,
+def run_jobs(fn: Callable, jobs: Sequence[tuple], execution=1, desc: str | None = None,
              progress: bool = True) -> list:
-    """``[fn(*job) for job in jobs]``, spread over ``workers`` processes when that is more than one."""
+    """``[fn(*job) for job in jobs]``, spread over worker processes. ``execution`` is the configuration's
+    execution section (or a plain worker count): ``workers`` processes, 0 for one per core."""
     from tqdm.auto import tqdm
 
+    workers = getattr(execution, "workers", execution)
     n = min(resolve_workers(workers), len(jobs))
     if n <= 1:
         return [fn(*job) for job in tqdm(jobs, desc=desc, disable=not progress)]

@@ -14,8 +14,8 @@ import seaborn as sns
 
 from helpers.data import load_image, load_mask
 
-# Markers and dashes carry the method/condition as well as colour, so figures survive greyscale print.
-METHOD_STYLE = {"patchcore": {"marker": "o", "linestyle": "-"}, "padim": {"marker": "s", "linestyle": "--"}}
+# Markers and dashes carry the method/condition as well as colour, so figures survive greyscale print; each
+# method's own marker, dash and colour come from its registry entry.
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p", "8"]
 DASHES = ["", (4, 2), (1, 1), (4, 1, 1, 1), (6, 2, 2, 2), (2, 2)]
 CAPTIONS = "captions.json"
@@ -27,14 +27,28 @@ def set_style() -> None:
                          "axes.titleweight": "bold", "legend.frameon": False})
 
 
+# No creation date or producer version in the files: re-running the study with unchanged results rewrites
+# byte-identical figures, so git sees no churn.
+_METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None, "Creator": None}}
+
+
+def method_style(method: str) -> dict:
+    """Colour, marker and dash of a method (from its registry entry), and its label."""
+    from helpers import registry
+
+    spec = registry.get(method)
+    return {"color": spec.colour, "marker": spec.marker, "linestyle": spec.linestyle, "label": spec.label}
+
+
 def save_figure(fig: plt.Figure, name: str, figures_dir: str | Path, caption: str) -> Path:
     """Write ``<name>.png`` and ``<name>.pdf`` and record the caption in ``captions.json`` beside them."""
     folder = Path(figures_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "pdf"):
         tmp = folder / f".{name}.tmp.{ext}"
-        fig.savefig(tmp, format=ext)
+        fig.savefig(tmp, format=ext, metadata=_METADATA[ext])
         tmp.replace(folder / f"{name}.{ext}")
+    plt.close(fig)
     index_path = folder / CAPTIONS
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     index[name] = caption
@@ -133,30 +147,24 @@ def pick_examples(rows: pd.DataFrame, per_type: int = 1, seed: int = 0) -> pd.Da
     return pd.concat(picked).reset_index(drop=True)
 
 
-def shift_grid(src: str | Path, category: str, transforms: Sequence[str], severities: Sequence[int],
-               seed: int, image_size: int) -> plt.Figure:
-    """One defective image under every transform (rows) and severity (columns), its moved mask outlined."""
-    from data_prep import shift
-    from helpers.data import list_samples
-
-    sample = next(s for s in list_samples(src, category) if s.label == 1 and s.mask_path is not None)
-    image, mask = load_image(sample.image_path, size=image_size), load_mask(sample.mask_path, size=image_size)
-    fig, axes = plt.subplots(len(transforms), len(severities),
-                             figsize=(1.5 * len(severities), 1.5 * len(transforms)), squeeze=False)
-    for i, transform in enumerate(transforms):
-        for j, severity in enumerate(severities):
-            rng = shift.sample_rng(seed, transform, severity, sample.key)
-            shifted, moved, _, _ = shift.apply(image, mask, transform, severity, rng)
+def shift_grid(panels: Sequence[Sequence[tuple[np.ndarray, np.ndarray | None]]], row_labels: Sequence[str],
+               col_labels: Sequence[str], title: str = "") -> plt.Figure:
+    """Images (rows x columns of ``(image, mask)``) with their masks outlined, e.g. one defective image under
+    every transform (rows) and severity (columns)."""
+    nrows, ncols = len(panels), max(len(r) for r in panels)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.5 * ncols, 1.5 * nrows), squeeze=False)
+    for i, row in enumerate(panels):
+        for j, (image, mask) in enumerate(row):
             ax = axes[i, j]
-            ax.imshow(shifted)
-            outline(ax, moved)
+            ax.imshow(image)
+            outline(ax, mask)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(f"severity {severity}", fontsize=8)
+                ax.set_title(col_labels[j], fontsize=8)
             if j == 0:
-                ax.set_ylabel(transform, fontsize=8)
-    fig.suptitle(f"{category}: {sample.defect_type}")
+                ax.set_ylabel(row_labels[i], fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 

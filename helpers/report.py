@@ -8,12 +8,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from helpers.paths import resolve, write_csv
+from helpers.paths import Run, write_csv
 
 
-def load_results(out_dir: str | Path, table: str) -> pd.DataFrame:
-    """Every ``results.csv`` under ``<out_dir>/results/<table>/``, concatenated; empty frame if none."""
-    folder = resolve(out_dir) / "results" / table
+def load_results(run: Run, table: str) -> pd.DataFrame:
+    """Every ``results.csv`` under the run's ``results/<table>/``, concatenated; empty frame if none. Only this
+    run's folder is read, so another configuration's results can never enter its tables."""
+    folder = run.dir / "results" / table
     frames = [pd.read_csv(p, keep_default_na=True) for p in sorted(folder.rglob("results.csv"))]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -59,11 +60,11 @@ def baseline_table(shift_drop: pd.DataFrame) -> pd.DataFrame:
 
 def drop_table(shift_drop: pd.DataFrame, metric: str = "image_auroc") -> pd.DataFrame:
     """Mean over categories and seeds of the metric per method, transform and severity, and its drop from clean."""
-    clean = shift_drop[shift_drop["transform"] == "none"].groupby(["method", "category", "seed"])[metric].mean()
+    clean = shift_drop[shift_drop["transform"] == "none"].groupby(["method", "draw", "category", "seed"])[metric].mean()
     shifted = shift_drop[shift_drop["transform"] != "none"].copy()
-    shifted["drop"] = [clean.get((r.method, r.category, r.seed), np.nan) - getattr(r, metric)
+    shifted["drop"] = [clean.get((r.method, r.draw, r.category, r.seed), np.nan) - getattr(r, metric)
                        for r in shifted.itertuples()]
-    out = shifted.groupby(["method", "transform", "severity"]).agg(
+    out = shifted.groupby(["method", "mode", "transform", "severity"]).agg(
         **{metric: (metric, "mean"), "drop": ("drop", "mean"), "drop_sd": ("drop", "std")}).reset_index()
     return out
 
@@ -112,22 +113,25 @@ def bullet(lines: Sequence[str]) -> str:
     return "\n".join(f"- {line}" for line in lines)
 
 
-def render(profile: str, dataset: str, data_root: str, categories: Sequence[str], backbone: str, image_size: int,
-           seeds: Sequence[int], timings: dict, results: dict[str, pd.DataFrame], baseline: pd.DataFrame,
-           drop: pd.DataFrame, figures_dir: Path) -> str:
+def render(run: Run, results: dict[str, pd.DataFrame], baseline: pd.DataFrame, drop: pd.DataFrame) -> str:
     """REPORT.md: setup, then each result with its numbers and only the findings those numbers support."""
-    total = sum(timings.values())
+    cfg = run.config
+    dataset, data_root, categories = cfg.data.dataset, cfg.data.root, cfg.data.categories
+    backbone, image_size, seeds = cfg.model.backbone, cfg.model.image_size, cfg.model.seeds
+    figures_dir = run.figures
     shift_drop = results["shift_drop"]
     clean = shift_drop[shift_drop["transform"] == "none"]
     parts = [
         f"# Anomaly detection under shift: PatchCore vs PaDiM ({dataset})",
         "## Setup",
-        bullet([f"Profile `{profile}`; dataset `{dataset}` at `{data_root}`; categories {', '.join(categories)}.",
+        bullet([f"Run `{run.name}` (profile `{run.profile}`; its configuration is `config.yaml` in the run folder); "
+                f"dataset `{dataset}` at `{data_root}`; categories {', '.join(categories)}; data draws "
+                f"{list(cfg.data.draws)}.",
                 *data_sizes(results.get("data_counts", pd.DataFrame())),
-                f"Backbone `{backbone}`, input {image_size} px; seeds {list(seeds)}.",
+                f"Backbone `{backbone}`, input {image_size} px; model seeds {list(seeds)}.",
                 f"Hardware: {hardware()}.",
-                "Run time per notebook: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-                + f" (total {total:.0f} s)." if timings else "Run time: not recorded."]),
+                "Run times per notebook and the measured fit and inference times are in `run_times.md` (the one file "
+                "that changes between identical runs)."]),
         "## Clean baseline",
         markdown(baseline),
         "",
@@ -173,20 +177,11 @@ def render(profile: str, dataset: str, data_root: str, categories: Sequence[str]
         parts += _unified_findings(results)
     eff = results.get("efficiency", pd.DataFrame())
     if len(eff):
-        means = eff.groupby("method")[["fit_s", "infer_ms_per_image", "model_bytes", "fit_peak_mb", "infer_peak_mb"]].mean()
-        means.insert(2, "model_mb", means.pop("model_bytes") / 2 ** 20)
-        measured = ", ".join(sorted(eff["category"].unique())) if "category" in eff else "n/a"
+        sizes = eff.groupby("method")["model_bytes"].mean() / 2 ** 20
         parts += ["## Efficiency",
-                  f"Each method fitted from scratch with an empty feature cache on {measured} and timed on its test "
-                  "split, one after the other in the same process (backbone included in both times):",
-                  markdown(means.round(1).reset_index()), ""]
-        if {"patchcore", "padim"} <= set(means.index):
-            cheaper_fit = means["fit_s"].idxmin()
-            smaller = means["model_mb"].idxmin()
-            faster = means["infer_ms_per_image"].idxmin()
-            parts.append(f"Fit is faster for {cheaper_fit}, inference for {faster}, the stored model is smaller for "
-                         f"{smaller} ({means.loc['patchcore', 'model_mb']:.1f} MiB memory bank against "
-                         f"{means.loc['padim', 'model_mb']:.1f} MiB of means and covariances).")
+                  "Stored model size per method (MiB): " + ", ".join(f"{m} {v:.1f}" for m, v in sizes.items())
+                  + ". Fit time, inference time per image and peak memory, measured from scratch in the same run, "
+                  "are in `run_times.md`."]
     captions_path = Path(figures_dir) / "captions.json"
     if captions_path.is_file():
         import json
@@ -269,3 +264,16 @@ def _unified_findings(results: dict[str, pd.DataFrame]) -> list[str]:
         lines.append("PaDiM's pooled covariance against the per-category one (trace ratio, mean over positions): "
                      + ", ".join(f"{r.category} {r.trace_ratio:.2f}x" for r in cov.itertuples()) + ".")
     return [bullet(lines)] if lines else []
+
+
+def efficiency_times(eff: pd.DataFrame) -> str:
+    """The measured costs (seconds, milliseconds, MiB of peak memory) as a Markdown section for ``run_times.md``:
+    they change from run to run, so they stay out of the report and its tables."""
+    if eff.empty:
+        return ""
+    cols = ["fit_s", "infer_ms_per_image", "fit_peak_mb", "infer_peak_mb"]
+    means = eff.groupby("method")[cols].mean().round(1).reset_index()
+    measured = ", ".join(sorted(eff["category"].unique()))
+    return ("## Cost of each method\n\nFitted from scratch with an empty feature cache on " + measured
+            + " and timed on its test split (backbone included); peak memory is the resident set above its level "
+            "at the start of each phase.\n\n" + markdown(means) + "\n")

@@ -18,7 +18,7 @@ COLUMNS = ["category", "split", "label", "defect_type", "image", "mask"]
 
 
 def make_splits(root: str | Path, categories: Sequence[str], seed: int = 0, val_fraction: float = 0.5,
-                calib_fraction: float = 0.1) -> pd.DataFrame:
+                calib_fraction: float = 0.1, calib_size: int | None = None) -> pd.DataFrame:
     """One row per image; ``image``/``mask`` are relative to ``root`` so a shifted copy reuses the manifest."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -31,9 +31,9 @@ def make_splits(root: str | Path, categories: Sequence[str], seed: int = 0, val_
         # One generator per category, so adding a category never reshuffles another.
         rng = np.random.default_rng([seed, _stable_int(category)])
         train = [s for s in samples if s.split == "train"]
-        n_calib = int(round(calib_fraction * len(train)))
+        n_calib = int(round(calib_fraction * len(train))) if calib_size is None else int(calib_size)
         if n_calib >= len(train):
-            raise ValueError(f"{category}: calib_fraction {calib_fraction} leaves no training image")
+            raise ValueError(f"{category}: a calibration split of {n_calib} leaves no training image")
         calib_idx = set(rng.permutation(len(train))[:n_calib].tolist())
         for i, s in enumerate(train):
             rows.append(_row(root, s, "calib" if i in calib_idx else "train"))

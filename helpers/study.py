@@ -1,23 +1,56 @@
-"""The study runner: execute ``notebooks/NN_*.ipynb`` in order with papermill, passing a profile's parameters.
+"""The study runner: execute the notebook pipeline in order with papermill for one configuration (a profile plus
+optional overrides), into that configuration's run folder.
 
-Executed copies land in ``<out_dir>/notebooks/``. A notebook is skipped when its fingerprint (its own text,
-the parameters, the code of ``helpers``/``data_prep`` and the fingerprint of the notebook before it) matches
-the one recorded after its last successful run, so a re-run only redoes what changed downstream.
+``python -m helpers.study --profile NAME [--set key=value ...] [--only 00 02] [--force]``
+
+Executed copies land in ``<run>/notebooks/``; the method notebook runs once per configured method
+(``02_patchcore``, ``03_padim``). A step is skipped when its fingerprint (its notebook's text, its parameters,
+the resolved configuration, the code of ``helpers``/``data_prep`` and the fingerprint of the step before it)
+matches the one recorded after its last successful run, so a re-run only redoes what changed downstream.
+After a run, the run's figures are published to the profile's ``output.figures_dir`` and the seconds each
+step took are written to one small file, ``run_times.md``, beside them.
 """
 from __future__ import annotations
 
 import argparse
+import filecmp
 import hashlib
 import json
+import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers.paths import NOTEBOOKS, ROOT, ProfileError, load_profile, resolve
+import yaml
+
+from helpers.config import ProfileError, StudyConfig, dump
+from helpers.paths import NOTEBOOKS, ROOT, Run, atomic_write
+
+RUN_TIMES = "run_times.md"
 
 
 class NotebookFailed(RuntimeError):
     """A notebook raised; the message names the notebook and the cell."""
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # the executed copy's stem, e.g. "02_patchcore"
+    source: str  # notebook file under notebooks/
+    parameters: dict = field(default_factory=dict)  # besides profile and overrides
+
+
+METHOD_NOTEBOOK = "02_method.ipynb"
+
+
+def pipeline(config: StudyConfig) -> list[Step]:
+    """The steps of a study, in order: data, shift, one method notebook per method, thresholds, unified, report."""
+    steps = [Step("00_data", "00_data.ipynb"), Step("01_shift", "01_shift.ipynb")]
+    steps += [Step(f"{2 + i:02d}_{m}", METHOD_NOTEBOOK, {"method": m}) for i, m in enumerate(config.methods)]
+    steps += [Step("04_threshold_adaptation", "04_threshold_adaptation.ipynb"), Step("05_unified", "05_unified.ipynb"),
+              Step("06_report", "06_report.ipynb")]
+    return steps
 
 
 def notebooks(folder: Path = NOTEBOOKS) -> list[Path]:
@@ -37,58 +70,57 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def fingerprint(notebook: Path, parameters: dict, upstream: str, code: str) -> str:
+def fingerprint(notebook: Path, parameters: dict, config_text: str, upstream: str, code: str) -> str:
     h = hashlib.sha256()
-    h.update(notebook.read_bytes())
-    h.update(json.dumps(parameters, sort_keys=True, default=str).encode())
-    h.update(upstream.encode())
-    h.update(code.encode())
+    for part in (notebook.read_bytes(), json.dumps(parameters, sort_keys=True, default=str).encode(),
+                 config_text.encode(), upstream.encode(), code.encode()):
+        h.update(part)
     return h.hexdigest()
 
 
-def run(profile_name: str, only: list[str] | None = None, force: bool = False, log=print) -> list[Path]:
-    """Run every notebook for the profile; returns the executed copies. Stops at the first failure."""
+def run(profile: str | Path = "default", overrides: dict | None = None, only: list[str] | None = None,
+        force: bool = False, log=print, folder: Path | None = None) -> list[Path]:
+    """Run every step for the configuration; returns the executed copies. Stops at the first failure."""
     import papermill as pm
 
-    profile = load_profile(profile_name)
-    params = profile.notebook_parameters()
-    out_dir = resolve(profile.out_dir) / "notebooks"
-    state_dir = resolve(profile.out_dir) / ".state"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    code = code_digest()
-    upstream = ""
-    executed = []
-    for nb in notebooks():
-        fp = fingerprint(nb, params, upstream, code)
+    folder = folder or NOTEBOOKS
+    study = Run.open(profile, overrides)
+    study.notebooks.mkdir(parents=True, exist_ok=True)
+    study.state.mkdir(parents=True, exist_ok=True)
+    config_text, code = dump(study.config), code_digest()
+    upstream, executed = "", []
+    log(f"[study] run {study.name} in {study.dir}")
+    for step in pipeline(study.config):
+        source = folder / step.source
+        if not source.is_file():
+            raise FileNotFoundError(f"notebook {source} of step {step.name} does not exist")
+        parameters = {"profile": str(profile), "overrides": dict(overrides or {}), **step.parameters}
+        fp = fingerprint(source, parameters, config_text, upstream, code)
         upstream = fp
-        out = out_dir / nb.name
-        state = state_dir / f"{nb.stem}.json"
-        wanted = only is None or any(nb.name.startswith(o) or nb.stem == o for o in only)
-        if not wanted:
+        out, state = study.notebooks / f"{step.name}.ipynb", study.state / f"{step.name}.json"
+        if only is not None and not any(step.name.startswith(o) for o in only):
             continue
         if not force and out.is_file() and state.is_file() and json.loads(state.read_text()).get("fingerprint") == fp:
-            log(f"[study] {nb.name}: unchanged, skipped")
+            log(f"[study] {step.name}: unchanged, skipped")
             executed.append(out)
             continue
-        log(f"[study] {nb.name}: running (profile {profile.name})")
+        log(f"[study] {step.name}: running")
         start = time.perf_counter()
         state.unlink(missing_ok=True)  # a failed run must not look finished next time
-        # Only the parameters a notebook declares are passed: its executed copy then lists exactly its inputs.
-        declared = pm.inspect_notebook(str(nb))
         try:
-            pm.execute_notebook(str(nb), str(out), parameters={k: v for k, v in params.items() if k in declared},
-                                cwd=str(ROOT), kernel_name="python3",
+            pm.execute_notebook(str(source), str(out), parameters=parameters, cwd=str(ROOT), kernel_name="python3",
                                 progress_bar=False, log_output=False)
         except pm.PapermillExecutionError as exc:
-            raise NotebookFailed(f"{nb.name} failed in {_failed_cell(out)} ({exc.ename}: {exc.evalue}); "
+            raise NotebookFailed(f"{step.name} failed in {_failed_cell(out)} ({exc.ename}: {exc.evalue}); "
                                  f"the executed copy with the traceback is {out}") from None
         seconds = time.perf_counter() - start
-        state.write_text(json.dumps({"fingerprint": fp, "seconds": round(seconds, 1),
-                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        atomic_write(state, lambda tmp: tmp.write_text(json.dumps({"fingerprint": fp, "seconds": round(seconds, 1)})))
         shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
-        log(f"[study] {nb.name}: done in {seconds:.0f} s -> {shown}")
+        log(f"[study] {step.name}: done in {seconds:.0f} s -> {shown}")
         executed.append(out)
+    if only is None:
+        write_run_times(study)
+        publish(study, log)
     return executed
 
 
@@ -106,25 +138,76 @@ def _failed_cell(executed: Path) -> str:
     return "an unknown cell"
 
 
-def timings(out_dir: str | Path) -> dict[str, float]:
-    """Seconds each notebook took in its last successful run under ``out_dir`` (for the report)."""
-    state_dir = resolve(out_dir) / ".state"
-    return {p.stem: json.loads(p.read_text())["seconds"] for p in sorted(state_dir.glob("*.json"))}
+def timings(study: Run) -> dict[str, float]:
+    """Seconds each step took in its last successful run."""
+    return {p.stem: json.loads(p.read_text())["seconds"] for p in sorted(study.state.glob("*.json"))}
+
+
+def write_run_times(study: Run) -> Path:
+    """The one file that changes from run to run: seconds per step (and the efficiency measurements the
+    report notebook writes to ``<run>/efficiency_times.md``)."""
+    times = timings(study)
+    lines = ["# Run times", "", f"Run `{study.name}`; seconds per notebook, as last executed.", "",
+             "| notebook | seconds |", "|---|---|", *[f"| {k} | {v:.0f} |" for k, v in times.items()],
+             f"| total | {sum(times.values()):.0f} |", ""]
+    extra = study.dir / "efficiency_times.md"
+    if extra.is_file():
+        lines += [extra.read_text()]
+    path = study.figures / RUN_TIMES
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))
+    return path
+
+
+def publish(study: Run, log=print) -> Path | None:
+    """Mirror the run's figures folder into the profile's ``output.figures_dir``: changed files are replaced,
+    identical ones left untouched (no churn in git), files the run no longer makes are removed."""
+    target = study.publish_dir
+    if target is None or not study.figures.is_dir():
+        return None
+    source_files = {p.relative_to(study.figures) for p in study.figures.rglob("*") if p.is_file()}
+    for rel in sorted(source_files):
+        src, dst = study.figures / rel, target / rel
+        if not dst.is_file() or not filecmp.cmp(src, dst, shallow=False):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+    for path in sorted(target.rglob("*"), reverse=True):
+        if path.is_file() and path.relative_to(target) not in source_files:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    log(f"[study] figures of {study.name} published to {target}")
+    return target
+
+
+def _parse_set(items: list[str]) -> dict:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ProfileError(f"--set expects key=value (e.g. methods.patchcore.k=3), got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--profile", default="default", help="profiles/<name>.yaml")
-    parser.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 00 02")
-    parser.add_argument("--force", action="store_true", help="re-run even unchanged notebooks")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="default", help="profiles/<name>.yaml or a path to a YAML profile")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one configuration value, e.g. --set methods.patchcore.k=3 (repeatable)")
+    parser.add_argument("--only", nargs="*", help="step prefixes to run, e.g. 00 02")
+    parser.add_argument("--force", action="store_true", help="re-run even unchanged steps")
+    parser.add_argument("--workers", type=int, help="parallel jobs (0: one per core); does not change results")
     args = parser.parse_args(argv)
     try:
+        overrides = _parse_set(args.set)
+        if args.workers is not None:
+            overrides["execution.workers"] = args.workers
         start = time.perf_counter()
-        run(args.profile, args.only, args.force)
+        run(args.profile, overrides or None, args.only, args.force)
         print(f"[study] profile {args.profile} finished in {time.perf_counter() - start:.0f} s")
     except (ProfileError, NotebookFailed, FileNotFoundError) as exc:
         print(f"[study] error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -14,21 +14,30 @@ import torch
 from helpers import experiments, metrics, thresholds
 from helpers.adaptation import score_set
 from helpers.detector import Detector
+from helpers.paths import Run
+from helpers.registry import DetectorConfig
 from helpers.thresholds import ScoreSet
 
 
-def fit_models(method: str, settings: dict, ctx: experiments.Context, manifest: pd.DataFrame
-               ) -> tuple[Detector, dict[str, Detector]]:
-    """The pooled model and one model per category, all through the model cache."""
-    unified = experiments.fit_cached(method, settings, experiments.train_paths(manifest, ctx, ctx.categories))
-    per_category = {c: experiments.fit_cached(method, settings, experiments.train_paths(manifest, ctx, c))
-                    for c in ctx.categories}
+def _fit_job(config: DetectorConfig, paths) -> None:
+    experiments.fit_cached(config, paths)
+
+
+def fit_models(config: DetectorConfig, run: Run, draw: int = 0) -> tuple[Detector, dict[str, Detector]]:
+    """The pooled model and one model per category, all through the model cache (fitted as parallel jobs)."""
+    from helpers.parallel import run_jobs
+
+    categories = list(run.config.unified_categories)
+    sets = [experiments.train_paths(run, draw, categories)] + [experiments.train_paths(run, draw, c) for c in categories]
+    run_jobs(_fit_job, [(config, paths) for paths in sets], run.config.execution, desc=f"{config.method} unified fits")
+    unified = experiments.fit_cached(config, sets[0])
+    per_category = {c: experiments.fit_cached(config, paths) for c, paths in zip(categories, sets[1:])}
     return unified, per_category
 
 
-def score_by_category(model_for, ctx: experiments.Context, manifest: pd.DataFrame, split: str) -> dict[str, ScoreSet]:
+def score_by_category(model_for, run: Run, split: str, draw: int = 0) -> dict[str, ScoreSet]:
     """``model_for(category)`` gives the model that scores that category's images."""
-    return {c: score_set(model_for(c), experiments.rows_of(manifest, ctx, c, split)) for c in ctx.categories}
+    return {c: score_set(model_for(c), experiments.rows_of(run, draw, c, split)) for c in run.config.unified_categories}
 
 
 def _pool(sets: Sequence[ScoreSet]) -> ScoreSet:
@@ -87,7 +96,7 @@ def covariance_widening(unified, per_category: dict) -> pd.DataFrame:
     of log-determinants (nats). Both are computed from anomalib's stored inverse covariances.
     """
     def covariances(model):
-        return torch.linalg.inv(model.model.gaussian.inv_covariance.double())
+        return model.gaussian()[1]
 
     pooled = covariances(unified)
     pooled_trace = torch.diagonal(pooled, dim1=-2, dim2=-1).sum(-1)
@@ -101,10 +110,10 @@ def covariance_widening(unified, per_category: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@torch.no_grad()
-def patchcore_provenance(pooled, ctx: experiments.Context, manifest: pd.DataFrame, area: float = 0.5,
+def patchcore_provenance(pooled: Detector, run: Run, draw: int = 0, area: float = 0.5,
                          normal_quantile: float = 0.99) -> pd.DataFrame:
-    """Where the nearest memory-bank patch of each test patch comes from, per category, for the pooled model.
+    """Where the nearest memory-bank patch of each test patch comes from, per category, for a pooled
+    memory-bank model (any detector whose ``patch_neighbours`` answers).
 
     A test patch is anomalous when at least ``area`` of its feature-grid cell is ground truth; normal patches
     come from normal images. An anomalous patch is "explained away" when its neighbour is another category's
@@ -112,31 +121,28 @@ def patchcore_provenance(pooled, ctx: experiments.Context, manifest: pd.DataFram
     """
     import torch.nn.functional as F
 
-    from helpers.patchcore import rows_of
-
-    train = experiments.rows_of(manifest, ctx, ctx.categories, "train")
-    if getattr(pooled, "bank_sources", None) is None:
-        raise ValueError("the pooled PatchCore model has no bank_sources (fitted before provenance was recorded)")
+    categories = list(run.config.unified_categories)
+    train = experiments.rows_of(run, draw, categories, "train")
     source_category = np.asarray(train["category"])
 
     def patches(rows):
-        feats = pooled._features(list(rows["image_path"]))
-        emb = pooled.embed(feats)
-        n, _, h, w = emb.shape
-        d2, loc = pooled.index().search(rows_of(emb))
-        return d2.sqrt().view(n, h * w).cpu().numpy(), loc.view(n, h * w).cpu().numpy(), (h, w)
+        found = pooled.patch_neighbours(pooled.features(list(rows["image_path"])))
+        if found is None:
+            raise ValueError(f"{pooled.method} has no memory bank: patch provenance does not apply")
+        return found
 
     out = []
-    for category in ctx.categories:
-        val = experiments.rows_of(manifest, ctx, category, "val")
-        val_scores, _, _ = patches(val[val.label == 0])
+    for category in categories:
+        val = experiments.rows_of(run, draw, category, "val")
+        val_scores, _ = patches(val[val.label == 0])
         normal_level = float(np.quantile(val_scores, normal_quantile))
-        test = experiments.rows_of(manifest, ctx, category, "test")
-        scores, nearest, (h, w) = patches(test)
-        patches_per_image = h * w
-        neighbour_cat = source_category[pooled.bank_sources.cpu().numpy()[nearest] // patches_per_image]
+        test = experiments.rows_of(run, draw, category, "test")
+        scores, sources = patches(test)
+        n, h, w = scores.shape
+        scores, sources = scores.reshape(n, h * w), sources.reshape(n, h * w)
+        neighbour_cat = source_category[sources // (h * w)]
         cross = neighbour_cat != category
-        masks = experiments.masks_for(test, ctx.image_size)
+        masks = experiments.masks_for(test, run.config.model.image_size)
         labels = test["label"].to_numpy()
         if masks is None:
             anomalous = np.zeros_like(cross)

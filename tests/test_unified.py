@@ -1,33 +1,30 @@
 import numpy as np
 
-from helpers import experiments, unified
-from tests.helpers_ctx import tiny_context
-
-SETTINGS = {"patchcore": dict(backbone="efficientnet_lite0", image_size=64, coreset_ratio=0.5, k=3, device="cpu", seed=0),
-            "padim": dict(backbone="efficientnet_lite0", image_size=64, n_features=40, device="cpu", seed=0)}
+from helpers import experiments, registry, unified
+from tests.helpers_run import tiny_run
 
 
 def test_unified_patchcore_provenance_fpr_matrix_and_comparison(tiny_mvtec, tmp_path, monkeypatch):
-    ctx = tiny_context(tiny_mvtec, tmp_path, monkeypatch)
-    manifest = ctx.manifest()
-    pooled, per_category = unified.fit_models("patchcore", SETTINGS["patchcore"], ctx, manifest)
+    run = tiny_run(tiny_mvtec, tmp_path, monkeypatch)
+    pooled, per_category = unified.fit_models(registry.configured(run.config, "patchcore"), run)
     # The pooled bank draws from both categories' training patches.
-    train = experiments.rows_of(manifest, ctx, ["alpha", "beta"], "train")
+    train = experiments.rows_of(run, 0, ["alpha", "beta"], "train")
     patches_per_image = (64 // 8) ** 2  # stride-8 grid of a 64 px image
     assert len(pooled.bank_sources) == pooled.memory_bank.shape[0] > 0
     source_cats = set(np.asarray(train["category"])[pooled.bank_sources.numpy() // patches_per_image])
     assert source_cats == {"alpha", "beta"}
 
-    provenance = unified.patchcore_provenance(pooled, ctx, manifest)
+    provenance = unified.patchcore_provenance(pooled, run)
     assert set(provenance["category"]) == {"alpha", "beta"}
     # The two categories differ in grey level, so normal patches find their neighbours at home.
     assert (provenance["cross_share_normal"] < 0.2).all()
-    assert ((provenance["explained_away"] >= 0) & (provenance["explained_away"] <= provenance["cross_share_anomalous"])).all()
+    assert ((provenance["explained_away"] >= 0)
+            & (provenance["explained_away"] <= provenance["cross_share_anomalous"])).all()
 
-    uni_val = unified.score_by_category(lambda c: pooled, ctx, manifest, "val")
-    uni_test = unified.score_by_category(lambda c: pooled, ctx, manifest, "test")
-    per_val = unified.score_by_category(lambda c: per_category[c], ctx, manifest, "val")
-    per_test = unified.score_by_category(lambda c: per_category[c], ctx, manifest, "test")
+    uni_val = unified.score_by_category(lambda c: pooled, run, "val")
+    uni_test = unified.score_by_category(lambda c: pooled, run, "test")
+    per_val = unified.score_by_category(lambda c: per_category[c], run, "val")
+    per_test = unified.score_by_category(lambda c: per_category[c], run, "test")
     matrix = unified.fpr_matrix(uni_val, uni_test)
     assert len(matrix) == 4
     row = matrix[(matrix.normal_of == "alpha") & (matrix.threshold_of == "beta")].iloc[0]
@@ -43,8 +40,8 @@ def test_unified_patchcore_provenance_fpr_matrix_and_comparison(tiny_mvtec, tmp_
 
 
 def test_padim_pooled_covariance_is_wider_than_each_category(tiny_mvtec, tmp_path, monkeypatch):
-    ctx = tiny_context(tiny_mvtec, tmp_path, monkeypatch)
-    pooled, per_category = unified.fit_models("padim", SETTINGS["padim"], ctx, ctx.manifest())
+    run = tiny_run(tiny_mvtec, tmp_path, monkeypatch)
+    pooled, per_category = unified.fit_models(registry.configured(run.config, "padim"), run)
     widening = unified.covariance_widening(pooled, per_category)
     assert set(widening["category"]) == {"alpha", "beta"}
     assert (widening["trace_ratio"] > 1).all()

@@ -1,0 +1,61 @@
+"""Make sure a run's datasets exist: generate each data draw of the synthetic data, fetch MVTec AD, or check a
+folder placed by hand. Generation of one category and draw is one job of the study's job runner."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from helpers.data import DatasetError, list_categories
+from helpers.paths import Run, atomic_write
+
+STAMP = ".synthetic.json"  # what a generated folder was made with; a mismatch is refused, never mixed
+
+
+def _stamp(run: Run, draw: int) -> dict:
+    s = run.config.data.synthetic
+    return {"seed": int(draw), "size": s.size, "n_train": s.n_train, "n_test_good": s.n_test_good,
+            "n_per_defect": s.n_per_defect}
+
+
+def _check_stamp(root: Path, wanted: dict) -> None:
+    path = root / STAMP
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != wanted:
+            raise DatasetError(f"{root} holds data generated with {found}, the configuration asks for {wanted}: "
+                               f"remove the folder or set data.root elsewhere")
+
+
+def _generate_job(root: Path, seed: int, category: str, size: int, n_train: int, n_test_good: int,
+                  n_per_defect: int) -> None:
+    from data_prep import synthetic
+
+    synthetic.generate(root, seed=seed, size=size, categories=(category,), n_train=n_train,
+                       n_test_good=n_test_good, n_per_defect=n_per_defect)
+
+
+def ensure_datasets(run: Run, progress: bool = True) -> list[Path]:
+    """Every data draw's clean dataset, generated or fetched where missing; returns their roots."""
+    from helpers.parallel import run_jobs
+
+    data = run.config.data
+    roots = [run.data_root(d) for d in data.draws]
+    if data.dataset == "synthetic":
+        s = data.synthetic
+        jobs = []
+        for draw, root in zip(data.draws, roots):
+            _check_stamp(root, _stamp(run, draw))
+            jobs += [(root, int(draw), c, s.size, s.n_train, s.n_test_good, s.n_per_defect)
+                     for c in data.categories if not (root / c / "train" / "good").is_dir()]
+        run_jobs(_generate_job, jobs, run.config.execution, desc="generate data", progress=progress)
+        for draw, root in zip(data.draws, roots):
+            atomic_write(root / STAMP, lambda tmp, d=draw: tmp.write_text(json.dumps(_stamp(run, d), indent=1)))
+    elif data.dataset == "mvtec":
+        from data_prep import mvtec
+
+        mvtec.prepare(roots[0], categories=tuple(data.categories))
+    else:
+        missing = sorted(set(data.categories) - set(list_categories(roots[0])))
+        if missing:
+            raise DatasetError(f"{roots[0]} lacks the categories {missing} that data.categories names")
+    return roots
