@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for problem in result.problems:
         print(problem)
-    print(f"image modes: {format_modes(result.image_modes)}")
+    if result.image_modes:
+        print(f"image modes: {format_modes(result.image_modes)}")
     if result.mask_modes:
         print(f"mask modes: {format_modes(result.mask_modes)}")
     if result.problems:
