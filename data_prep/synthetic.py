@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -690,13 +692,53 @@ def _check_counts(**counts: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+STAGING_PREFIX = ".synthetic-staging-"
+_STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"(?P<host>.+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+
+
+def remove_stale_staging(root: Path) -> list[Path]:
+    """Delete the staging folders in ``root`` that a killed run left behind; return them.
+
+    A folder is stale when its process (named in it) is dead on this host, or when its name carries no process
+    (left by a version that did not name it). Folders of live processes, of this process and of other hosts are
+    kept: another run may still be writing them, and a pid means nothing on another machine.
+    """
+    removed = []
+    for folder in sorted(root.glob(f"{STAGING_PREFIX}*")):
+        if not folder.is_dir():
+            continue
+        named = _STAGING_NAME.match(folder.name)
+        if named is not None and (named["host"] != socket.gethostname() or _process_alive(int(named["pid"]))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(folder)
+            print(f"removed {folder}, left by an interrupted run", file=sys.stderr)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OverflowError:
+        return False
+    return True
+
+
 def generate(root: str | Path, seed: int = 0, size: int = 256, categories: Sequence[str] = CATEGORIES,
              n_train: int = 200, n_test_good: int = 40, n_per_defect: int = 20, overwrite: bool = False) -> Path:
     """Write the synthetic dataset in MVTec AD layout under ``root`` and return ``root``.
 
     All categories are first written to a hidden temporary folder inside ``root`` and renamed into place only
     when every file exists, so an interrupted run leaves no partial category behind. An existing non-empty
-    ``root/<category>`` is replaced only with ``overwrite=True``.
+    ``root/<category>`` is replaced only with ``overwrite=True``. Staging folders that killed runs left in ``root``
+    are removed first (:func:`remove_stale_staging`).
     """
     categories = tuple(categories)
     unknown = [c for c in categories if c not in SCENES]
@@ -717,8 +759,10 @@ def generate(root: str | Path, seed: int = 0, size: int = 256, categories: Seque
             raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True "
                                   f"(--overwrite) to replace it")
     root.mkdir(parents=True, exist_ok=True)
-    # Same file system as the targets, so the final rename is atomic.
-    staging = Path(tempfile.mkdtemp(prefix=".synthetic-staging-", dir=root))
+    remove_stale_staging(root)
+    # Same file system as the targets, so the final rename is atomic. The name carries host and pid, so a later
+    # run can tell a folder left by a killed run from one a live run is still writing.
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=root))
     try:
         for category in categories:
             _write_category(staging / category, category, int(seed), int(size), int(n_train),
@@ -768,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         generate(args.root, seed=args.seed, size=args.size, categories=args.categories, n_train=args.n_train,
                  n_test_good=args.n_test_good, n_per_defect=args.n_per_defect, overwrite=args.overwrite)
-    except (FileExistsError, ValueError) as exc:
+    except (ValueError, OSError) as exc:  # bad arguments (DatasetError too), an existing category, a full disk
         print(f"error: {exc}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - started
