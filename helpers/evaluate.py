@@ -23,18 +23,41 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from helpers import metrics, splits
+from helpers import metrics, registry, splits
 from helpers.backbones import REGISTRY, BackboneUnavailable
+from helpers.config import ModelConfig
 from helpers.data import DatasetError, Problem, check_category, has_ground_truth, list_categories, load_mask
-from helpers.detector import METHODS, Detector, Prediction, make_detector
+from helpers.detector import Detector, Prediction
 
 SCORES = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_aupro")
 TIMINGS = ("fit_s", "predict_s")
 METRICS = SCORES + TIMINGS  # the CSV's metric columns, in this order
-# Flag -> (constructor keyword, methods that take it). Method-specific flags only reach their method.
-METHOD_FLAGS = {"backbone": ("backbone", METHODS), "image_size": ("image_size", METHODS),
-                "coreset_ratio": ("coreset_ratio", ("patchcore",)), "k": ("k", ("patchcore",)),
-                "n_features": ("n_features", ("padim",))}
+
+
+def method_flags() -> dict[str, tuple[type, list[str]]]:
+    """Every field of every registered method's settings, with its type and the methods that have it: the
+    command line offers one flag per field (``--coreset-ratio``), so a new method brings its own flags."""
+    import dataclasses
+    import typing
+
+    flags: dict[str, tuple[type, list[str]]] = {}
+    for name in registry.names():
+        settings = registry.get(name).settings
+        hints = typing.get_type_hints(settings)
+        for f in dataclasses.fields(settings):
+            flags.setdefault(f.name, (hints[f.name], []))[1].append(name)
+    return flags
+
+
+def _flag_type(tp) -> tuple[type, str | None]:
+    """(argparse type, nargs) for a settings annotation: scalars as they are, tuples as several values."""
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    inner = args[0]
+    if typing.get_origin(inner) is tuple:
+        return typing.get_args(inner)[0], "+"
+    return inner, None
 
 
 def evaluate_split(detector: Detector, manifest: pd.DataFrame, root: str | Path, category: str,
@@ -113,18 +136,25 @@ def check_dataset(root: Path, category: str) -> None:
         raise CategoryRefused(problems)
 
 
-def detector_settings(method: str, args: argparse.Namespace) -> dict:
-    """Constructor keywords from the flags that were given and that this method takes."""
-    settings = {"seed": args.seed}
-    for flag, (keyword, methods) in METHOD_FLAGS.items():
-        value = getattr(args, flag)
+def detector_config(method: str, args: argparse.Namespace) -> registry.DetectorConfig:
+    """The detector the flags ask for: the method's settings with the given flags that it takes, the rest
+    at their defaults; flags of other methods are noted and ignored."""
+    import dataclasses
+
+    spec = registry.get(method)
+    own = {}
+    for name, (_, methods) in method_flags().items():
+        value = getattr(args, name)
         if value is None:
             continue
         if method in methods:
-            settings[keyword] = value
+            own[name] = tuple(value) if isinstance(value, list) else value
         else:
-            print(f"note: --{flag.replace('_', '-')} does not apply to {method}; ignored", file=sys.stderr)
-    return settings
+            print(f"note: --{name.replace('_', '-')} does not apply to {method}; ignored", file=sys.stderr)
+    model = ModelConfig()
+    return registry.DetectorConfig(method, dataclasses.replace(spec.settings(), **own),
+                                   args.backbone or model.backbone, args.image_size or model.image_size,
+                                   args.seed, "auto")
 
 
 class BadArgument(ValueError):
@@ -136,7 +166,7 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
     root = Path(args.root)
     check_dataset(root, args.category)
     try:
-        detector = make_detector(args.method, **detector_settings(args.method, args))
+        detector = detector_config(args.method, args).build()
     except ValueError as exc:  # a flag value the detector refuses
         raise BadArgument(str(exc)) from None
     settings = {k: "+".join(v) if isinstance(v, list) else v for k, v in detector.settings().items()}
@@ -156,12 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="dataset folder in MVTec AD or MVTec AD 2 layout")
     parser.add_argument("--category", required=True)
-    parser.add_argument("--method", required=True, choices=METHODS)
-    parser.add_argument("--backbone", choices=list(REGISTRY))
-    parser.add_argument("--image-size", type=int)
-    parser.add_argument("--coreset-ratio", type=float, help="PatchCore only")
-    parser.add_argument("--k", type=int, help="PatchCore only: neighbours for the image-score re-weighting")
-    parser.add_argument("--n-features", type=int, help="PaDiM only")
+    parser.add_argument("--method", required=True, choices=registry.names())
+    parser.add_argument("--backbone", choices=list(REGISTRY), help=f"default {ModelConfig().backbone}")
+    parser.add_argument("--image-size", type=int, help=f"default {ModelConfig().image_size}")
+    for name, (tp, methods) in method_flags().items():
+        kind, nargs = _flag_type(tp)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, nargs=nargs,
+                            help=f"{', '.join(methods)} only" if len(methods) < len(registry.names()) else None)
     parser.add_argument("--seed", type=int, default=0, help="split manifest and detector seed")
     parser.add_argument("--out", help="CSV file to append the row to")
     args = parser.parse_args(argv)

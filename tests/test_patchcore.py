@@ -14,8 +14,8 @@ from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from helpers import backbones, bench, evaluate, features, splits
 from helpers.data import list_samples, load_mask
 from helpers.detector import load_detector
-from helpers.patchcore import (BankIndex, PatchCore, amx_available, anomaly_maps, coreset_indices, greedy_kcenter,
-                               patch_embedding, random_projection, rows_of)
+from helpers.patchcore import (BankIndex, PatchCore, amx_available, anomaly_maps, coreset_indices, default_stages,
+                               greedy_kcenter, patch_embedding, random_projection, rows_of)
 from tests.conftest import write_tiny_mvtec
 
 BACKBONE = "efficientnet_lite0"
