@@ -54,9 +54,15 @@ def compute(paths: Sequence[str | Path], backbone: str, image_size: int, stages:
     starts = range(0, len(paths), batch_size)
     for start in tqdm(starts, desc=f"{backbone} features", disable=not progress, leave=False):
         batch = image_batch(paths[start:start + batch_size], image_size).to(dev)
+        n = len(batch)
+        # Every batch is run at full size (the last one padded with copies of its last image): oneDNN picks
+        # other kernels for other batch sizes at small inputs (at 64 px a lone image differed by 2e-5), and an
+        # image's cached features must not depend on which images it happened to be computed with.
+        if n < batch_size:
+            batch = torch.cat([batch, batch[-1:].expand(batch_size - n, -1, -1, -1)])
         out = backbones.forward_stages(net, backbone, backbones.normalise(batch, backbone))
         for s in stages:
-            chunks[s].append(out[s].float().cpu())
+            chunks[s].append(out[s][:n].float().cpu())
     return {s: torch.cat(chunks[s]) for s in stages}
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from helpers import backbones, registry
+from helpers import patchcore as maps_module  # the shared bilinear-upsampling + Gaussian-blur operator
 from helpers.detector import Detector, Prediction, read_model, write_model
 from helpers.threads import one_torch_thread
 
@@ -107,6 +108,12 @@ class Padim(Detector):
             embeddings[start:start + self.batch_size] = self._embedding(feats, start, start + self.batch_size)
         with one_torch_thread(self.device.type == "cpu"):  # anomalib loops over positions with tiny matrices
             self.model.gaussian.fit(embeddings)
+        # anomalib's inverse comes back transposed in memory; a saved and reloaded model is contiguous, and the
+        # Mahalanobis product rounds differently in the two layouts. Contiguous here, so a freshly fitted model
+        # and its cached copy give bit-identical scores.
+        gaussian = self.model.gaussian
+        gaussian.inv_covariance = gaussian.inv_covariance.contiguous()
+        gaussian.mean = gaussian.mean.contiguous()
         return self
 
     @torch.no_grad()
@@ -116,13 +123,16 @@ class Padim(Detector):
             raise RuntimeError("Padim.predict before fit (or load)")
         n = len(feats[self.stages[0]])
         scores, maps = [], []
+        generator = self.model.anomaly_map_generator
         for start in range(0, n, self.batch_size):
-            # anomalib upsamples to the input image's size, which is image_size here.
-            anomaly_map = self.model.anomaly_map_generator(
-                embedding=self._embedding(feats, start, start + self.batch_size), mean=self.model.gaussian.mean,
-                inv_covariance=self.model.gaussian.inv_covariance, image_size=(self.image_size, self.image_size))
+            distance = generator.compute_distance(self._embedding(feats, start, start + self.batch_size),
+                                                  [self.model.gaussian.mean, self.model.gaussian.inv_covariance])
+            # anomalib then upsamples bilinearly to the input size and blurs with its GaussianBlur2d (sigma 4, as
+            # PatchCore's). Both are separable linear maps, applied here as two small matrix products: the same
+            # map to float32 rounding (2e-6 of its scale), 100x faster than the 33 x 33 convolution at 224 px.
+            anomaly_map = maps_module.anomaly_maps(distance[:, 0], self.image_size, maps_module.MAP_SIGMA)
             scores.append(torch.amax(anomaly_map, dim=(-2, -1)).flatten().cpu())
-            maps.append(anomaly_map[:, 0].cpu())
+            maps.append(anomaly_map.cpu())
         return Prediction(torch.cat(scores).numpy().astype(np.float32), torch.cat(maps).numpy().astype(np.float32))
 
     def save(self, path: str | Path) -> Path:

@@ -79,7 +79,7 @@ def test_fit_predict_shapes_and_defects_score_higher(tiny, fitted):
 def test_save_load_round_trip(tiny, fitted, tmp_path):
     detector, test = fitted, tiny[1]
     path = detector.save(tmp_path / "model" / "padim.safetensors")
-    loaded = load_detector(path)
+    loaded = load_detector(path, cache_dir=detector.cache_dir)
     assert isinstance(loaded, Padim)
     assert loaded.settings() == detector.settings() == {
         "backbone": BACKBONE, "stages": list(STAGES), "image_size": 64, "n_features": 50, "seed": 3}
