@@ -13,10 +13,11 @@ import json
 import shutil
 import sys
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -97,6 +98,7 @@ TRAINING_VARIATION: dict[str, dict[str, tuple[float, str]]] = {
     "carpet": {
         "brightness": (0.15, "lighting gain uniform 0.85-1.15"),
         "gradient": (0.15 * np.sqrt(2), "lighting ramp strength up to 0.15, swing up to 0.15 x sqrt(2) diagonally"),
+        "color_temperature": (0.035, "pile colour jitter sd 2.5 % per channel: R/B ratio 2 sd = 7 %"),
         "rotation": (4.0, "loop direction normal, sd 2 degrees"),
         "translation": (np.inf, "stationary pile with a uniformly random phase: any shift is another carpet"),
         "scale": (0.05, "loop period uniform +/- 5 %"),
@@ -105,8 +107,8 @@ TRAINING_VARIATION: dict[str, dict[str, tuple[float, str]]] = {
         "brightness": (0.12, "lighting gain uniform 0.88-1.12"),
         "gradient": (0.08 * np.sqrt(2), "lighting ramp strength up to 0.08"),
         "color_temperature": (0.07, "nut colour jitter sd 5 % per channel: R/B ratio 2 sd = 14 %"),
-        "rotation": (20.9, "pose uniform; the light azimuth jitters with sd 10.4 degrees, so a rotated nut's "
-                           "shading stays inside 2 sd up to 20.9 degrees"),
+        "rotation": (20.9, ("pose uniform; the light azimuth jitters with sd 10.4 degrees, so a rotated nut's "
+                            "shading stays inside 2 sd up to 20.9 degrees")),
         "translation": (0.08, "nut centre jitter clipped at 0.08 of the side"),
         "scale": (0.077, "nut length uniform 0.90-1.05"),
     },
@@ -144,18 +146,21 @@ def severity_table_markdown() -> str:
         inside = [",".join(str(k) for k in range(1, 6) if in_training_variation(name, k, c)) or "-" for c in cats]
         lines.append(f"| {name} | {row['kind']} | {row['parameter']} | {values} | {row['drawn']} | "
                      + " | ".join(inside) + " |")
-    lines += ["", "Severity 0 is the exact identity. Severities grow strictly in the parameter and in the mean "
-              "absolute pixel difference to the clean image (tested per category); the random part of a draw is "
-              "shared by all severities. `per_image` mode draws it per image, `domain` mode once per condition "
-              "for every image of train, validation and test. Geometric transforms warp the generator's wider "
-              "canvas (synthetic data) and crop back, so nothing enters the frame that the scene does not hold; "
-              "on other data they warp a reflected continuation and mark those pixels False in `valid` (the "
-              "manifest records their fraction per image). `border_fill` is the control: the uncovered border of "
-              "the old rotation at that angle, filled with the image's mean colour, without any pose change. "
-              f"Pixel sizes scale with the image side (given at {REFERENCE_SIDE} px). `mixed` composes at most "
-              "one geometric step, then lighting, then blur, then noise (pose, scene light, optics, sensor). "
-              "'inside <category>' lists the severities that stay inside the variation the synthetic training "
-              "images of that category already have (TRAINING_VARIATION)."]
+    lines += ["", ("Severity 0 is the exact identity. Severities grow strictly in the parameter and in the mean "
+                   "absolute difference to the clean image at the layout scale (`image_distances`, tested per "
+                   "category at 256 px; for a pose change of a periodic texture the plain pixel difference "
+                   "saturates at severity 1, and a blur below a pixel at the image's own size changes nothing); "
+                   "the random part of a draw is shared by all severities. `per_image` mode draws it per image, "
+                   "`domain` mode once per condition for every image of train, validation and test. Geometric "
+                   "transforms warp the generator's wider canvas (synthetic data) and crop back, so nothing enters "
+                   "the frame that the scene does not hold; on other data they warp a reflected continuation and "
+                   "mark those pixels False in `valid` (the manifest records their fraction per image). "
+                   "`border_fill` is the control: the uncovered border of the old rotation at that angle, filled "
+                   "with the image's mean colour, without any pose change. Pixel sizes scale with the image side "
+                   f"(given at {REFERENCE_SIDE} px). `mixed` composes at most one geometric step, then lighting, "
+                   "then blur, then noise (pose, scene light, optics, sensor). 'inside <category>' lists the "
+                   "severities that stay inside the variation the synthetic training images of that category "
+                   "already have (TRAINING_VARIATION).")]
     return "\n".join(lines)
 
 
@@ -392,7 +397,9 @@ class Transform:
     kind: str  # "photometric", "geometric" or "control"
     stage: int  # order inside `mixed`: pose (0), scene light (1), optics (2), sensor (3)
     draw: Callable[[float, np.random.Generator], dict]
-    render: Callable  # photometric (img, p, ctx) -> img; geometric (p, h, w) -> source homography
+    # photometric (img, p, ctx) -> img; geometric (p, h, w) -> homography from output to source pixels;
+    # control (img, mask, valid, p, ctx) -> (img, mask, valid)
+    render: Callable
 
 
 TRANSFORMS: dict[str, Transform] = {
@@ -732,7 +739,7 @@ def replay_sample(src: str | Path, root: str | Path, key: str):
     if len(rows) != 1:
         raise DatasetError(f"{key} is not in {Path(root) / MANIFEST}")
     row = rows.iloc[0]
-    category, split, defect_type, name = key.split("/")
+    category, split, defect_type, _ = key.split("/")
     src = Path(src)
     image_path = src / key
     mask_path = None
@@ -800,8 +807,10 @@ def _distances_per_image(src: Path, samples: list[Sample], conditions: list[tupl
 def _is_complete(dst: Path, transform: str, severity: int, seed: int, categories: list[str],
                  mode: str = "per_image") -> bool:
     df = read_manifest(dst)
-    return (df is not None and "mode" in df.columns and set(df["transform"]) == {transform} and set(df["severity"]) == {severity}
-            and set(df["seed"]) == {seed} and set(df["category"]) == set(categories) and set(df["mode"]) == {mode})
+    if df is None or "mode" not in df.columns:  # no copy, or one written before modes existed
+        return False
+    return (set(df["transform"]) == {transform} and set(df["severity"]) == {severity} and set(df["seed"]) == {seed}
+            and set(df["category"]) == set(categories) and set(df["mode"]) == {mode})
 
 
 def shift_family(src: str | Path, dst_root: str | Path, transforms: list[str], severities: list[int], seed: int,

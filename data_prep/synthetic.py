@@ -670,6 +670,15 @@ def _apply_defect(clean: np.ndarray, defective: np.ndarray, region: np.ndarray) 
     return image
 
 
+def _place_defect(rng: np.random.Generator, scene, clean: np.ndarray, render: Callable,
+                  size: int) -> SyntheticSample | None:
+    for _ in range(MAX_PLACEMENT_ATTEMPTS):
+        defective, region = render(rng, scene, size)
+        if crop_to_frame(region, size).any():  # a defect that lies wholly in the margin is drawn again
+            return SyntheticSample(image=_apply_defect(clean, defective, region), clean=clean, mask=region)
+    return None
+
+
 def render_sample(category: str, defect_type: str = "good", index: int = 0, seed: int = 0, size: int = 256,
                   split: str = "test", canvas: bool = False) -> SyntheticSample:
     """Render one image (and its mask) exactly as :func:`generate` writes it.
@@ -687,14 +696,12 @@ def render_sample(category: str, defect_type: str = "good", index: int = 0, seed
     rng = sample_rng(seed, category, split, defect_type, index)
     scene = SCENES[category](rng, size)
     clean = _to_uint8(scene.image)
-    sample = SyntheticSample(image=clean, clean=clean, mask=None) if defect_type == "good" else None
-    for _ in range(0 if sample else MAX_PLACEMENT_ATTEMPTS):
-        defective, region = DEFECT_RENDERERS[category][defect_type](rng, scene, size)
-        if crop_to_frame(region, size).any():  # a defect that lies wholly in the margin is drawn again
-            sample = SyntheticSample(image=_apply_defect(clean, defective, region), clean=clean, mask=region)
-            break
-    if sample is None:
-        raise RuntimeError(f"could not place a {defect_type} defect on {category} image {index} (seed {seed})")
+    if defect_type == "good":
+        sample = SyntheticSample(image=clean, clean=clean, mask=None)
+    else:
+        sample = _place_defect(rng, scene, clean, DEFECT_RENDERERS[category][defect_type], size)
+        if sample is None:
+            raise RuntimeError(f"could not place a {defect_type} defect on {category} image {index} (seed {seed})")
     if canvas:
         return sample
     return SyntheticSample(*(None if a is None else crop_to_frame(a, size).copy()

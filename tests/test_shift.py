@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from scipy import ndimage
 
 from data_prep import shift, synthetic
@@ -129,6 +128,26 @@ def test_a_surround_shows_the_scene_beyond_the_frame_and_keeps_every_pixel_valid
             assert valid.all(), (transform, params)
     with pytest.raises(ValueError, match="surround image"):
         shift.apply_with_params(frame[:-1], mask[:-1], "rotation", 1, {"angle_deg": 2.0}, surround)
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_the_canvas_margin_holds_every_pose_at_severity_5(size):
+    """Every random part a geometric draw can take (sign, direction, axis) stays on the generator's canvas."""
+    margin = synthetic.canvas_margin(size)
+    canvas = np.zeros((size + 2 * margin, size + 2 * margin, 3), np.uint8)
+    frame = canvas[margin:-margin, margin:-margin]
+    surround = shift.Surround(canvas, None, margin)
+    angles = np.arange(0, 360, 5)
+    top = {t: shift.SEVERITY_TABLE[t][5] for t in GEOMETRIC}
+    poses = [("rotation", {"angle_deg": sign * top["rotation"]}) for sign in (-1, 1)]
+    poses += [("scale", {"scale": 1 + sign * top["scale"]}) for sign in (-1, 1)]
+    poses += [("translation", {"dx": top["translation"] * np.cos(np.deg2rad(a)),
+                               "dy": top["translation"] * np.sin(np.deg2rad(a))}) for a in angles]
+    poses += [("perspective", {"tilt_deg": top["perspective"], "axis_deg": float(a)}) for a in angles[angles < 180]]
+    assert {t for t, _ in poses} == set(GEOMETRIC)
+    for transform, params in poses:
+        _, _, valid, _ = shift.apply_with_params(frame, None, transform, 5, params, surround)
+        assert valid.all(), (transform, params)
 
 
 def test_border_fill_is_the_old_rotation_frame_without_a_pose_change():
