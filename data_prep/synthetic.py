@@ -7,6 +7,7 @@ Usage: ``python -m data_prep.synthetic --root data/synthetic --seed 0`` or :func
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -31,6 +32,15 @@ DEFECTS = {
     "zipper": ("broken_teeth", "fabric_interior", "squeezed_teeth"),
 }
 MIN_SIZE = 32
+# Every scene is rendered on a canvas that extends this fraction of the side beyond each edge of the saved image,
+# which is the canvas's central crop. MVTec-Shift warps the canvas and crops back, so a pose change shows more of
+# the same scene instead of an invented border; the margin covers the strongest geometric shift (see
+# data_prep.shift.SEVERITY_TABLE, checked by a test).
+CANVAS_MARGIN = 0.17
+# Canvases lie beside the images in this hidden folder of each category, which the MVTec readers never open:
+# <category>/.canvas/<split>/<defect>/<stem>.png, .canvas/ground_truth/<defect>/<stem>_mask.png, .canvas/canvas.json
+CANVAS_FOLDER = ".canvas"
+CANVAS_INFO = "canvas.json"
 # Geometry is specified at this reference resolution and scaled, so a 64 px test image is a shrunken 256 px one.
 REFERENCE_SIZE = 256
 # A defect that cannot be placed (e.g. it fell outside the object) is re-drawn from the same stream; this many
@@ -40,7 +50,11 @@ MAX_PLACEMENT_ATTEMPTS = 25
 
 @dataclass(frozen=True)
 class SyntheticSample:
-    """One rendered image; for a defect image also the clean image it was made from and the exact mask."""
+    """One rendered image; for a defect image also the clean image it was made from and the exact mask.
+
+    A frame sample is ``size`` px square; a canvas sample (``render_sample(..., canvas=True)``) is
+    ``size + 2 * canvas_margin(size)`` px square and holds the frame sample as its central crop.
+    """
 
     image: np.ndarray  # uint8 (H, W, 3)
     clean: np.ndarray  # uint8 (H, W, 3): the same scene before the defect (equal to image for good samples)
@@ -64,11 +78,31 @@ def sample_rng(seed: int, category: str, split: str, defect_type: str, index: in
 
 # ----------------------------------------------------------------------------------------------------------
 # Shared drawing primitives (float32 images in [0, 1], all vectorised over pixels)
+#
+# ``size`` is always the side of the saved frame and all geometry is given in frame pixels; the arrays cover the
+# whole canvas, whose pixel (i, j) sits at frame coordinates (i - margin, j - margin).
 # ----------------------------------------------------------------------------------------------------------
+
+def canvas_margin(size: int) -> int:
+    """Pixels rendered beyond each edge of a ``size`` px frame."""
+    return int(np.ceil(CANVAS_MARGIN * size))
+
+
+def _canvas_side(size: int) -> int:
+    return size + 2 * canvas_margin(size)
+
+
+def crop_to_frame(array: np.ndarray, size: int) -> np.ndarray:
+    """The saved frame (``size`` px square) of a canvas-sized array."""
+    m = canvas_margin(size)
+    return array[m:m + size, m:m + size]
+
 
 @lru_cache(maxsize=8)
 def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    """Frame coordinates (y, x) of every canvas pixel."""
+    side, margin = _canvas_side(size), canvas_margin(size)
+    y, x = (np.mgrid[0:side, 0:side] - margin).astype(np.float32)
     y.flags.writeable = False
     x.flags.writeable = False
     return y, x
@@ -84,14 +118,15 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
-    """Gaussian-filtered white noise rescaled to unit standard deviation."""
+    """Gaussian-filtered white noise over the canvas, rescaled to unit standard deviation."""
+    side = _canvas_side(size)
     # Wide blurs are done on a coarser grid and upsampled: the same look at a fraction of the cost.
     factor = max(1, int(sigma // 3))
-    coarse = size if factor == 1 else -(-size // factor) + 1
+    coarse = side if factor == 1 else -(-side // factor) + 1
     field = ndimage.gaussian_filter(rng.standard_normal((coarse, coarse)).astype(np.float32), sigma / factor,
                                     mode="wrap")
     if factor > 1:
-        field = ndimage.zoom(field, factor, order=1)[:size, :size]
+        field = ndimage.zoom(field, factor, order=1)[:side, :side]
     return field / max(float(field.std()), 1e-6)
 
 
@@ -162,9 +197,10 @@ def _random_curve(rng: np.random.Generator, start: Sequence[float], length: floa
 
 def _polyline_distance(size: int, points: np.ndarray, reach: float) -> np.ndarray:
     """Distance of every pixel to a polyline; ``inf`` beyond ``reach`` of its bounding box (saves time)."""
-    distance = np.full((size, size), np.inf, dtype=np.float32)
-    lo = np.floor(points.min(axis=0) - reach).astype(int).clip(0, size)
-    hi = np.ceil(points.max(axis=0) + reach + 1).astype(int).clip(0, size)
+    side, margin = _canvas_side(size), canvas_margin(size)
+    distance = np.full((side, side), np.inf, dtype=np.float32)
+    lo = (np.floor(points.min(axis=0) - reach).astype(int) + margin).clip(0, side)
+    hi = (np.ceil(points.max(axis=0) + reach + 1).astype(int) + margin).clip(0, side)
     if (hi <= lo).any():
         return distance
     y, x = _pixel_grid(size)
@@ -402,7 +438,7 @@ def _hazelnut_print(rng: np.random.Generator, scene: HazelnutScene, size: int):
     ink = inks[rng.integers(len(inks))]
     anchor = _point_on_nut(rng, scene, 0.5)
     width = rng.uniform(1.8, 4.5) * scene.unit
-    distance = np.full((size, size), np.inf, dtype=np.float32)
+    distance = np.full((_canvas_side(size),) * 2, np.inf, dtype=np.float32)
     # A few short strokes near each other read as a stamped mark or letters.
     for _ in range(rng.integers(3, 8)):
         start = anchor + rng.normal(0, 0.25 * scene.semi_axes[1], 2)
@@ -473,7 +509,8 @@ def _zipper_scene(rng: np.random.Generator, size: int) -> ZipperScene:
     for side in (-1, 1):
         seam = _soft(1.2 * unit - np.abs(across - side * seam_u), 0.8 * unit) * stitch
         fabric = fabric * (1 - 0.3 * seam)
-    n_teeth = int(np.ceil(1.6 * size / period)) + 6
+    # Enough teeth to run along the whole canvas, which a rotation of up to 3 degrees spans by 1.05 x its side.
+    n_teeth = int(np.ceil(1.2 * _canvas_side(size) / period)) + 6
     first_tooth = -n_teeth // 2
     teeth = {side: ZipperTeeth(v_offset=rng.normal(0, 0.015 * period, n_teeth).astype(np.float32),
                                tilt=rng.normal(0, np.deg2rad(0.7), n_teeth).astype(np.float32),
@@ -635,9 +672,22 @@ def _apply_defect(clean: np.ndarray, defective: np.ndarray, region: np.ndarray) 
     return image
 
 
+def _place_defect(rng: np.random.Generator, scene, clean: np.ndarray, render: Callable,
+                  size: int) -> SyntheticSample | None:
+    for _ in range(MAX_PLACEMENT_ATTEMPTS):
+        defective, region = render(rng, scene, size)
+        if crop_to_frame(region, size).any():  # a defect that lies wholly in the margin is drawn again
+            return SyntheticSample(image=_apply_defect(clean, defective, region), clean=clean, mask=region)
+    return None
+
+
 def render_sample(category: str, defect_type: str = "good", index: int = 0, seed: int = 0, size: int = 256,
-                  split: str = "test") -> SyntheticSample:
-    """Render one image (and its mask) exactly as :func:`generate` writes it."""
+                  split: str = "test", canvas: bool = False) -> SyntheticSample:
+    """Render one image (and its mask) exactly as :func:`generate` writes it.
+
+    With ``canvas=True`` the wider canvas is returned, whose central crop (:func:`crop_to_frame`) is the image.
+    A defect may reach into the margin where it lies at the edge of the frame, but always shows in the frame.
+    """
     if category not in SCENES:
         raise ValueError(f"unknown category {category!r}; known: {', '.join(CATEGORIES)}")
     if defect_type != "good" and defect_type not in DEFECT_RENDERERS[category]:
@@ -649,13 +699,15 @@ def render_sample(category: str, defect_type: str = "good", index: int = 0, seed
     scene = SCENES[category](rng, size)
     clean = _to_uint8(scene.image)
     if defect_type == "good":
-        return SyntheticSample(image=clean, clean=clean, mask=None)
-    for _ in range(MAX_PLACEMENT_ATTEMPTS):
-        defective, region = DEFECT_RENDERERS[category][defect_type](rng, scene, size)
-        if region.any():
-            image = _apply_defect(clean, defective, region)
-            return SyntheticSample(image=image, clean=clean, mask=region)
-    raise RuntimeError(f"could not place a {defect_type} defect on {category} image {index} (seed {seed})")
+        sample = SyntheticSample(image=clean, clean=clean, mask=None)
+    else:
+        sample = _place_defect(rng, scene, clean, DEFECT_RENDERERS[category][defect_type], size)
+        if sample is None:
+            raise RuntimeError(f"could not place a {defect_type} defect on {category} image {index} (seed {seed})")
+    if canvas:
+        return sample
+    return SyntheticSample(*(None if a is None else crop_to_frame(a, size).copy()
+                             for a in (sample.image, sample.clean, sample.mask)))
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -670,20 +722,45 @@ def _file_stem(index: int, count: int) -> str:
 
 def _write_category(folder: Path, category: str, seed: int, size: int, n_train: int, n_test_good: int,
                     n_per_defect: int) -> None:
+    """The MVTec-layout images and masks, and under ``.canvas`` the same tree at canvas size."""
     plan = [("train", "good", n_train), ("test", "good", n_test_good)]
     plan += [("test", defect, n_per_defect) for defect in DEFECTS[category]]
     for split, defect, count in plan:
-        image_dir = folder / split / defect
-        image_dir.mkdir(parents=True)
-        mask_dir = folder / "ground_truth" / defect
-        if defect != "good":
-            mask_dir.mkdir(parents=True)
+        for base in (folder, folder / CANVAS_FOLDER):
+            (base / split / defect).mkdir(parents=True)
+            if defect != "good":
+                (base / "ground_truth" / defect).mkdir(parents=True)
         for index in range(count):
-            sample = render_sample(category, defect, index, seed=seed, size=size, split=split)
+            canvas = render_sample(category, defect, index, seed=seed, size=size, split=split, canvas=True)
             stem = _file_stem(index, count)
-            _save_png(sample.image, image_dir / f"{stem}.png")
-            if sample.mask is not None:
-                _save_png(sample.mask.astype(np.uint8) * 255, mask_dir / f"{stem}_mask.png")
+            for base, crop in ((folder, lambda a: crop_to_frame(a, size)), (folder / CANVAS_FOLDER, lambda a: a)):
+                _save_png(crop(canvas.image), base / split / defect / f"{stem}.png")
+                if canvas.mask is not None:
+                    _save_png(crop(canvas.mask).astype(np.uint8) * 255,
+                              base / "ground_truth" / defect / f"{stem}_mask.png")
+    info = {"frame_size": size, "margin": canvas_margin(size), "seed": seed, "generator": "data_prep.synthetic"}
+    (folder / CANVAS_FOLDER / CANVAS_INFO).write_text(json.dumps(info, sort_keys=True) + "\n")
+
+
+def read_canvas_info(category_dir: str | Path) -> dict | None:
+    """``{"frame_size", "margin", ...}`` of a generated category, or None where no canvases were written."""
+    path = Path(category_dir) / CANVAS_FOLDER / CANVAS_INFO
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        return {**info, "frame_size": int(info["frame_size"]), "margin": int(info["margin"])}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a canvas description ({exc})") from None
+
+
+def canvas_path_for(root: str | Path, key: str, mask: bool = False) -> Path:
+    """Where the canvas of the sample ``<category>/<split>/<defect>/<name>`` (or of its mask) lies."""
+    category, split, defect, name = key.split("/")
+    folder = Path(root) / category / CANVAS_FOLDER
+    if mask:
+        return folder / "ground_truth" / defect / f"{Path(name).stem}_mask.png"
+    return folder / split / defect / name
 
 
 def _check_counts(**counts: int) -> None:
