@@ -27,13 +27,17 @@ from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
 from data_prep import synthetic
-from helpers.data import DatasetError, Sample, list_categories, list_samples, load_image, load_mask, mask_path_for
-from helpers.paths import write_csv
+from helpers.data import (SHIFT_MANIFEST, DatasetError, Sample, list_categories, list_samples, load_image, load_mask,
+                          mask_path_for)
+from helpers.paths import shift_copy_path, write_csv
 from helpers.threads import one_torch_thread
 
 SEVERITIES = (0, 1, 2, 3, 4, 5)
 MODES = ("per_image", "domain")
-MANIFEST = "shift_manifest.csv"
+# Sample splits of a dataset layout a copy may hold: MVTec AD's train and test folders, and MVTec AD 2's
+# validation/good (read as "calib").
+PARTS = ("train", "calib", "test")
+MANIFEST = SHIFT_MANIFEST  # helpers.data reads the labels it records
 MANIFEST_COLUMNS = ["category", "split", "defect_type", "image", "transform", "severity", "seed", "mode",
                     "label_before", "label_after", "invalid_fraction", "params"]
 # Pixel quantities (blur sigma) are given for a 256 px side and scale with the image, so a severity means the
@@ -548,7 +552,7 @@ def draw_params(transform: str, severity: int, seed: int, key: str, mode: str = 
 def family_path(dst_root: str | Path, transform: str, severity: int, seed: int, mode: str = "per_image") -> Path:
     """Where one member of a shift family lives: ``<dst_root>/<mode>/<transform>/severity=<k>/seed=<n>``."""
     check_mode(mode)
-    return Path(dst_root) / mode / transform / f"severity={severity}" / f"seed={seed}"
+    return shift_copy_path(dst_root, mode, transform, severity, seed)
 
 
 def load_surround(src: str | Path, sample: Sample, image: np.ndarray) -> Surround | None:
@@ -684,9 +688,9 @@ def shift_dataset(src: str | Path, dst: str | Path, transform: str, severity: in
     """
     check_transform(transform, severity)
     check_mode(mode)
-    unknown = set(parts) - {"train", "test"}
+    unknown = set(parts) - set(PARTS)
     if unknown or not parts:
-        raise ValueError(f"parts must be a non-empty subset of ('train', 'test'), got {parts}")
+        raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {parts}")
     src, dst = Path(src), Path(dst)
     _check_locations(src, dst)
     if dst.exists() and not overwrite:
@@ -806,7 +810,7 @@ def _distances_per_image(src: Path, samples: list[Sample], conditions: list[tupl
     return found
 
 
-def _is_complete(dst: Path, transform: str, severity: int, seed: int, categories: list[str],
+def is_complete(dst: Path, transform: str, severity: int, seed: int, categories: list[str],
                  mode: str = "per_image") -> bool:
     df = read_manifest(dst)
     if df is None or "mode" not in df.columns:  # no copy, or one written before modes existed
@@ -827,7 +831,7 @@ def shift_family(src: str | Path, dst_root: str | Path, transforms: list[str], s
     paths = []
     for t, k in tqdm(jobs, desc="shift family", unit="dataset"):
         dst = family_path(dst_root, t, k, seed, mode)
-        if dst.exists() and not _is_complete(dst, t, k, seed, cats, mode):
+        if dst.exists() and not is_complete(dst, t, k, seed, cats, mode):
             raise FileExistsError(f"{dst} exists but is not a complete {mode} {t} severity={k} seed={seed} copy "
                                   f"of categories {cats}; remove it to rebuild")
         if not dst.exists():
@@ -847,17 +851,15 @@ def shift_condition_job(src: str | Path, dst_root: str | Path, transform: str, s
 
 
 def build_conditions(src: str | Path, dst_root: str | Path, needs: dict[tuple[str, int], set[str]], seed: int,
-                     categories: list[str] | None = None, workers: int | None = None,
-                     mode: str = "per_image") -> list[Path]:
+                     categories: list[str] | None = None, execution=0, mode: str = "per_image") -> list[Path]:
     """Build each (transform, severity) copy with the MVTec folders it needs (``{"test"}`` or ``{"train", "test"}``).
 
     A copy that already holds those folders for those categories is kept; one that lacks a folder is rebuilt
-    with the union, so asking for training images later never leaves a mixed copy. Copies are built in
-    ``workers`` processes (default: one per core); each is written atomically, so the order does not matter.
+    with the union, so asking for training images later never leaves a mixed copy. Copies are jobs of the
+    study's job runner (``execution``: the configuration's execution section or a worker count); each is written
+    atomically, so the order does not matter.
     """
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
+    from helpers.parallel import run_jobs
 
     check_mode(mode)
     cats = _resolve_categories(Path(src), categories)
@@ -869,26 +871,32 @@ def build_conditions(src: str | Path, dst_root: str | Path, needs: dict[tuple[st
         paths.append(dst)
         have = read_manifest(dst)
         wanted = set(parts)
-        if have is not None and _is_complete(dst, transform, severity, seed, cats, mode):
+        if have is not None and is_complete(dst, transform, severity, seed, cats, mode):
             if wanted <= set(have["split"]):
                 continue
             wanted |= set(have["split"])
-        jobs.append(dict(src=src, dst_root=dst_root, transform=transform, severity=severity, seed=seed, mode=mode,
-                         categories=cats, parts=tuple(sorted(wanted, reverse=True))))
-    workers = min(workers or os.cpu_count() or 1, len(jobs))
-    if workers <= 1:
-        for job in tqdm(jobs, desc="shift conditions", unit="dataset"):
-            shift_condition_job(**job)
-    else:
-        # spawn, not fork: a forked child of a process with torch threads running can deadlock.
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            for _ in tqdm(pool.map(_run_job, jobs), total=len(jobs), desc="shift conditions", unit="dataset"):
-                pass
+        jobs.append((src, dst_root, transform, severity, seed, mode, cats, tuple(sorted(wanted, reverse=True))))
+    run_jobs(shift_condition_job, jobs, execution, desc="shift conditions")
     return paths
 
 
-def _run_job(job: dict) -> Path:
-    return shift_condition_job(**job)
+def example_panels(src: str | Path, category: str, transforms: Iterable[str], severities: Iterable[int], seed: int,
+                   mode: str = "domain") -> list[list[tuple[np.ndarray, np.ndarray | None]]]:
+    """One defective test image of a category under every transform (rows) and severity (columns), exactly as a
+    shifted copy holds it (the generator's canvas included): ``(image, mask)`` per panel, for a figure."""
+    src = Path(src)
+    sample = next((s for s in list_samples(src, category) if s.label == 1 and s.mask_path is not None), None)
+    if sample is None:
+        sample = next(s for s in list_samples(src, category) if s.split == "test")
+    rows = []
+    for transform in transforms:
+        row = []
+        for severity in severities:
+            params = draw_params(transform, int(severity), seed, sample.key, mode)
+            _, shifted, mask, _ = _shifted(src, sample, transform, int(severity), params)
+            row.append((shifted, mask))
+        rows.append(row)
+    return rows
 
 
 # --- command line --------------------------------------------------------------------------------------------
