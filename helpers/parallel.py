@@ -81,6 +81,8 @@ def _brief(value: Any, depth: int = 0) -> str:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         if type(value).__str__ is not object.__str__:  # the class says how it reads (e.g. a Condition)
             return str(value)
+        if isinstance(getattr(value, "name", None), str):  # it names itself (e.g. a Run: smoke-1a2b3c4d)
+            return value.name
         fields = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
         return " ".join(f"{k}={v}" for k, v in fields if isinstance(v, (str, int, float, bool)))
     if isinstance(value, dict):
@@ -93,7 +95,7 @@ def _brief(value: Any, depth: int = 0) -> str:
     return type(value).__name__
 
 
-def describe_job(fn: Callable, job: Sequence, limit: int = 160) -> str:
+def describe_job(fn: Callable, job: Sequence, limit: int = 200) -> str:
     """``_evaluate_job: method=patchcore seed=1 ... | hazelnut | [clean]``: enough to find the job again."""
     text = f"{getattr(fn, '__name__', fn)}: " + " | ".join(_brief(arg) for arg in job)
     return text if len(text) <= limit else text[: limit - 3] + "..."
