@@ -1,7 +1,8 @@
 """The study runner: execute the notebook pipeline in order with papermill for one configuration (a profile plus
 optional overrides), into that configuration's run folder.
 
-``python -m helpers.study --profile NAME [--set key=value ...] [--only 00 02] [--force]``
+``python -m helpers.study --profile NAME [--set key=value ...] [--only 00 02] [--force] [--workers N]
+[--engine local|dask] [--scheduler tcp://HOST:8786]``
 
 Executed copies land in ``<run>/notebooks/``; the method notebook runs once per configured method
 (``02_patchcore``, ``03_padim``). A step is skipped when its fingerprint (its notebook's text, its parameters,
@@ -189,6 +190,21 @@ def _parse_set(items: list[str]) -> dict:
     return overrides
 
 
+def execution_overrides(workers: int | None = None, engine: str | None = None, scheduler: str | None = None) -> dict:
+    """The command line's execution flags as overrides: they say how jobs run, so the run (its hash, its folder)
+    stays the profile's."""
+    if scheduler and engine == "local":
+        raise ProfileError("--scheduler names a Dask scheduler; it needs --engine dask, not --engine local")
+    engine = "dask" if scheduler else engine
+    if engine == "dask":
+        import importlib.util
+
+        if importlib.util.find_spec("distributed") is None:
+            raise ProfileError("--engine dask needs the 'distributed' package: pip install -r requirements.txt")
+    given = {"execution.workers": workers, "execution.engine": engine, "execution.scheduler": scheduler}
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default", help="profiles/<name>.yaml or a path to a YAML profile")
@@ -197,11 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="step prefixes to run, e.g. 00 02")
     parser.add_argument("--force", action="store_true", help="re-run even unchanged steps")
     parser.add_argument("--workers", type=int, help="parallel jobs (0: one per core); does not change results")
+    parser.add_argument("--engine", choices=["local", "dask"],
+                        help="run jobs in local processes or on Dask (a LocalCluster unless --scheduler); "
+                             "does not change results")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="Dask scheduler to run jobs on, e.g. tcp://HOST:8786 (implies --engine dask)")
     args = parser.parse_args(argv)
     try:
-        overrides = _parse_set(args.set)
-        if args.workers is not None:
-            overrides["execution.workers"] = args.workers
+        overrides = {**_parse_set(args.set), **execution_overrides(args.workers, args.engine, args.scheduler)}
         start = time.perf_counter()
         run(args.profile, overrides or None, args.only, args.force)
         print(f"[study] profile {args.profile} finished in {time.perf_counter() - start:.0f} s")
