@@ -352,6 +352,8 @@ def check(config: StudyConfig, source: str) -> None:
         bad("model.seeds", "must list at least one seed")
     if model.backbone not in backbones.REGISTRY:
         bad("model.backbone", f"must be one of {', '.join(backbones.REGISTRY)}, got {model.backbone!r}")
+    if config.execution.scheduler and config.execution.engine != "dask":
+        bad("execution.scheduler", "names a Dask scheduler; it needs execution.engine: dask")
     if config.execution.workers < 0:
         bad("execution.workers", f"must be 0 (one per core) or a positive count, got {config.execution.workers}")
     unknown = set(config.efficiency.categories or ()) - set(data.categories)

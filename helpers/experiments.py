@@ -186,7 +186,7 @@ def run_method(run: Run, method: str, conditions: Sequence[Condition], draws: Se
         config = registry.configured(cfg, method, seed)
         labels = dict(method=method, seed=int(seed), backbone=config.backbone, image_size=config.image_size)
         jobs += [(config, run, draw, category, [condition], split, labels) for condition in conditions]
-    results = run_jobs(_evaluate_job, jobs, cfg.execution, desc=f"{method} evaluate", progress=progress)
+    results = run_jobs(_evaluate_job, jobs, cfg.execution, desc=f"{method} evaluate", progress=progress, memo=True)
     return (pd.concat([m for m, _ in results], ignore_index=True),
             pd.concat([s for _, s in results], ignore_index=True))
 
@@ -231,7 +231,7 @@ def sweep(run: Run, method: str, conditions: Sequence[Condition], draw: int = 0,
         labels = dict(method=method, seed=base.seed, param=param, value=value)
         config = base.replace(**override)
         jobs += [(config, run, draw, category, list(conditions), split, labels) for category in cfg.data.categories]
-    results = run_jobs(_evaluate_job, jobs, cfg.execution, desc=f"{method} sweep", progress=progress)
+    results = run_jobs(_evaluate_job, jobs, cfg.execution, desc=f"{method} sweep", progress=progress, memo=True)
     return (pd.concat([m for m, _ in results], ignore_index=True),
             pd.concat([s for _, s in results], ignore_index=True))
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from helpers.config import ProfileError, StudyConfig, dump
+from helpers.config import UNHASHED, ProfileError, StudyConfig, to_dict
 from helpers.paths import NOTEBOOKS, ROOT, Run, atomic_write
 
 RUN_TIMES = "run_times.md"
@@ -88,7 +88,10 @@ def run(profile: str | Path = "default", overrides: dict | None = None, only: li
     study = Run.open(profile, overrides)
     study.notebooks.mkdir(parents=True, exist_ok=True)
     study.state.mkdir(parents=True, exist_ok=True)
-    config_text, code = dump(study.config), code_digest()
+    # How a run executes (workers, engine) never changes a result: it stays out of every fingerprint, so
+    # re-running with other execution flags skips the finished steps.
+    config_text = json.dumps({k: v for k, v in to_dict(study.config).items() if k not in UNHASHED}, sort_keys=True)
+    code = code_digest()
     upstream, executed = "", []
     log(f"[study] run {study.name} in {study.dir}")
     for step in pipeline(study.config):
@@ -96,7 +99,7 @@ def run(profile: str | Path = "default", overrides: dict | None = None, only: li
         if not source.is_file():
             raise FileNotFoundError(f"notebook {source} of step {step.name} does not exist")
         parameters = {"profile": str(profile), "overrides": dict(overrides or {}), **step.parameters}
-        fp = fingerprint(source, parameters, config_text, upstream, code)
+        fp = fingerprint(source, _result_parameters(parameters), config_text, upstream, code)
         upstream = fp
         out, state = study.notebooks / f"{step.name}.ipynb", study.state / f"{step.name}.json"
         if only is not None and not any(step.name.startswith(o) for o in only):
@@ -123,6 +126,12 @@ def run(profile: str | Path = "default", overrides: dict | None = None, only: li
         write_run_times(study)
         publish(study, log)
     return executed
+
+
+def _result_parameters(parameters: dict) -> dict:
+    """The parameters that can change what a step computes: overrides of the unhashed sections left out."""
+    kept = {k: v for k, v in parameters["overrides"].items() if k.split(".")[0] not in UNHASHED}
+    return {**parameters, "overrides": kept}
 
 
 def _failed_cell(executed: Path) -> str:

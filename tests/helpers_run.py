@@ -3,7 +3,7 @@ from pathlib import Path
 
 import yaml
 
-from helpers import experiments, features, splits
+from helpers import experiments, features, parallel, splits
 from helpers.config import deep_merge
 from helpers.paths import Run
 
@@ -14,6 +14,7 @@ def tiny_run(root: Path, tmp_path: Path, monkeypatch, overrides: dict | None = N
     worker, its manifests written for every draw."""
     monkeypatch.setattr(features, "CACHE", tmp_path / "cache")
     monkeypatch.setattr(experiments, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(parallel, "CACHE", tmp_path / "cache")
     raw = {"data": {"dataset": "folder", "root": str(root), "categories": ["alpha", "beta"], "draws": list(draws),
                     "calib_size": 2},
            "model": {"image_size": image_size, "seeds": [0, 1], "device": "cpu"},
