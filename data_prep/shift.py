@@ -138,6 +138,18 @@ def in_training_variation(transform: str, severity: int, category: str) -> bool:
     return bound is not None and float(SEVERITY_TABLE[transform][severity]) <= bound[0]
 
 
+def severity_table() -> pd.DataFrame:
+    """The severity table as a tidy frame: one row per transform and severity, its parameter value, and whether
+    it lies inside each synthetic category's training variation."""
+    rows = []
+    for name, row in SEVERITY_TABLE.items():
+        for severity in range(1, 6):
+            rows.append({"transform": name, "kind": row["kind"], "parameter": row["parameter"],
+                         "severity": severity, "value": str(row[severity]), "drawn": row["drawn"],
+                         **{f"inside_{c}": in_training_variation(name, severity, c) for c in TRAINING_VARIATION}})
+    return pd.DataFrame(rows)
+
+
 def severity_table_markdown() -> str:
     """The severity table as Markdown, with the conventions every shifted dataset follows and, per synthetic
     category, the severities that lie inside the training images' own variation."""

@@ -143,8 +143,8 @@ def render(run: Run, results: dict[str, pd.DataFrame], baseline: pd.DataFrame, d
         bullet(largest_drops(drop)),
         _drop_by_kind(drop),
     ]
-    for method in sorted(drop["method"].unique()):
-        parts.append(f"![{method} drop](drop_heatmap_{method}.png)")
+    for method, mode in sorted(set(zip(drop["method"], drop["mode"]))):
+        parts.append(f"![{method} drop, {mode}](drop_heatmap_{method}_{mode}.png)")
     sweep = results.get("sweep", pd.DataFrame())
     if len(sweep):
         parts += ["## Hyperparameters, clean and under shift",
