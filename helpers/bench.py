@@ -18,7 +18,7 @@ import torch
 from helpers import backbones, metrics, splits
 from helpers.data import load_mask
 from helpers.features import image_batch
-from helpers.patchcore import PatchCore
+from helpers.patchcore import PatchCore, default_stages
 
 BATCH = 16
 REPEAT = 3  # inference rounds (coreset timings run once: anomalib's takes minutes)
@@ -74,7 +74,7 @@ def bench_patchcore(root, category: str, n_train: int | None = 100, n_test: int 
     x_test = backbones.normalise(image_batch(list(test["image_path"]), image_size), backbone)
     labels = test["label"].to_numpy()
     masks = np.stack([load_mask(p, size=image_size) for p in test["mask_path"]])
-    stages = backbones.DEFAULT_STAGES[backbone]["patchcore"]
+    stages = default_stages(backbone)
     net = backbones.load(backbone, "cpu")
 
     def backbone_features(x):
