@@ -51,6 +51,14 @@ def shift_conditions(modes: Sequence[str], transforms: Sequence[str], severities
     return ([CLEAN] if include_clean else []) + shifted
 
 
+def drop_conditions(run: Run, draw: int) -> list[Condition]:
+    """The conditions the drop study scores on one data draw: clean, and every configured shift in every mode
+    (modes listed in ``shift.first_draw_only`` on the first draw only)."""
+    shift = run.config.shift
+    modes = [m for m in shift.modes if draw == run.config.data.draws[0] or m not in shift.first_draw_only]
+    return shift_conditions(modes, shift.transforms, shift.severities)
+
+
 def root_for(run: Run, draw: int, condition: Condition = CLEAN) -> Path:
     """The dataset folder of a condition: one draw's clean data, or one of its MVTec-Shift copies."""
     if condition.is_clean:
@@ -119,16 +127,15 @@ def score(detector: Detector, rows: pd.DataFrame) -> Prediction:
     return detector.predict(list(rows["image_path"]))
 
 
-def metric_row(rows: pd.DataFrame, prediction: Prediction, image_size: int) -> dict:
+def metric_row(rows: pd.DataFrame, prediction: Prediction, image_size: int, pixel: bool = True) -> dict:
+    """Every metric of one scored split; pixel metrics only with ``pixel`` (None otherwise, never invented).
+    Intervals are not per row: helpers.stats resamples the saved per-image scores, pooled over draws and seeds."""
     from helpers import metrics
 
     labels = rows["label"].to_numpy()
-    masks = masks_for(rows, image_size)
-    row = metrics.evaluate(labels, prediction.image_scores, masks,
-                           prediction.anomaly_maps if masks is not None else None)
-    # Interval over the test sample itself: the part of the spread that seeds cannot show.
-    row["image_auroc_lo"], row["image_auroc_hi"] = metrics.bootstrap_auroc(labels, prediction.image_scores)
-    return row
+    masks = masks_for(rows, image_size) if pixel else None
+    return metrics.evaluate(labels, prediction.image_scores, masks,
+                            prediction.anomaly_maps if masks is not None else None)
 
 
 def score_rows(rows: pd.DataFrame, prediction: Prediction, **labels) -> pd.DataFrame:
@@ -139,22 +146,49 @@ def score_rows(rows: pd.DataFrame, prediction: Prediction, **labels) -> pd.DataF
 
 
 def evaluate_conditions(detector: Detector, run: Run, draw: int, category: str, conditions: Iterable[Condition],
-                        split: str = "test", **labels) -> tuple[pd.DataFrame, pd.DataFrame]:
+                        split: str = "test", pixel: bool | Iterable[Condition] = True,
+                        **labels) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per condition one tidy metrics row (the given labels, the condition, every metric), and the per-image
-    scores of every condition."""
+    scores of every condition. ``pixel`` says where pixel metrics are computed: everywhere (True), nowhere
+    (False) or for the listed conditions."""
     manifest = run.manifest(draw)
     out, scores = [], []
     for condition in conditions:
+        with_pixels = pixel if isinstance(pixel, bool) else condition in set(pixel)
         rows = rows_of(run, draw, category, split, condition, manifest)
         start = time.perf_counter()
         prediction = score(detector, rows)
         row = {**labels, "draw": int(draw), "category": category, **condition.labels(), "split": split,
                "n_images": len(rows), "n_anomalous": int(rows["label"].sum())}
-        row.update(metric_row(rows, prediction, prediction.anomaly_maps.shape[-1]))
+        row.update(metric_row(rows, prediction, prediction.anomaly_maps.shape[-1], with_pixels))
         row["predict_s"] = time.perf_counter() - start
         out.append(row)
         scores.append(score_rows(rows, prediction, **labels, draw=int(draw), **condition.labels(), split=split))
     return pd.DataFrame(out), pd.concat(scores, ignore_index=True)
+
+
+def _features_job(paths: Sequence[Path], backbone: str, image_size: int, device: str) -> int:
+    from helpers import backbones, features
+
+    features.extract(list(paths), backbone, image_size, backbones.spec(backbone).patch_stages, device=device)
+    return len(paths)
+
+
+def prefetch_features(run: Run, image_sets: Iterable[Sequence[Path]], backbone: str | None = None,
+                      image_size: int | None = None, progress: bool = True) -> None:
+    """Fill the feature cache for every image of ``image_sets`` as parallel jobs, one per set, before the fits
+    and evaluations that read them: no two jobs then compute the same image."""
+    from helpers.parallel import run_jobs
+
+    cfg = run.config
+    seen: set[Path] = set()
+    jobs = []
+    for paths in image_sets:
+        fresh = [p for p in dict.fromkeys(paths) if p not in seen]
+        seen.update(fresh)
+        if fresh:
+            jobs.append((fresh, backbone or cfg.model.backbone, image_size or cfg.model.image_size, cfg.model.device))
+    run_jobs(_features_job, jobs, cfg.execution, desc="features", progress=progress)
 
 
 def _fit_job(config: DetectorConfig, paths: Sequence[Path]) -> None:
@@ -162,30 +196,42 @@ def _fit_job(config: DetectorConfig, paths: Sequence[Path]) -> None:
 
 
 def _evaluate_job(config: DetectorConfig, run: Run, draw: int, category: str, conditions: Sequence[Condition],
-                  split: str, labels: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  split: str, labels: dict, pixel: bool | Sequence[Condition] = True
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
     detector = fit_cached(config, train_paths(run, draw, category))
-    return evaluate_conditions(detector, run, draw, category, conditions, split, **labels)
+    return evaluate_conditions(detector, run, draw, category, conditions, split, pixel, **labels)
 
 
-def run_method(run: Run, method: str, conditions: Sequence[Condition], draws: Sequence[int] | None = None,
-               seeds: Sequence[int] | None = None, split: str = "test",
+def run_method(run: Run, method: str, conditions: Sequence[Condition] | None = None,
+               draws: Sequence[int] | None = None, seeds: Sequence[int] | None = None, split: str = "test",
                progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Fit on clean train normals per (draw, seed, category) and evaluate every condition: the tidy shift-drop
-    table and the per-image scores behind it. Fits, then (draw, seed, category, condition) evaluations, run as
-    parallel jobs; the tables are the same for any number of workers."""
+    table and the per-image scores behind it.
+
+    Features of every image set are computed first (parallel jobs), then the fits, then one evaluation job per
+    (draw, seed, category) over all conditions. Image metrics come from every model seed; pixel metrics from
+    every seed on clean data and from the first seed under shift (they need the full anomaly maps). The tables
+    are the same for any number of workers.
+    """
     from helpers.parallel import run_jobs
 
     cfg = run.config
     draws = list(cfg.data.draws if draws is None else draws)
     seeds = list(cfg.model.seeds if seeds is None else seeds)
     triples = [(d, s, c) for d in draws for s in seeds for c in cfg.data.categories]
+    pairs = [(d, c) for d in draws for c in cfg.data.categories]
+    per_draw = {d: list(conditions) if conditions is not None else drop_conditions(run, d) for d in draws}
+    prefetch_features(run, [train_paths(run, d, c) for d, c in pairs]
+                      + [list(rows_of(run, d, c, split, cond)["image_path"]) for d, c in pairs for cond in per_draw[d]],
+                      progress=progress)
     run_jobs(_fit_job, [(registry.configured(cfg, method, s), train_paths(run, d, c)) for d, s, c in triples],
              cfg.execution, desc=f"{method} fit", progress=progress)
     jobs = []
     for draw, seed, category in triples:
         config = registry.configured(cfg, method, seed)
         labels = dict(method=method, seed=int(seed), backbone=config.backbone, image_size=config.image_size)
-        jobs += [(config, run, draw, category, [condition], split, labels) for condition in conditions]
+        pixel = True if seed == seeds[0] else [c for c in per_draw[draw] if c.is_clean]
+        jobs.append((config, run, draw, category, per_draw[draw], split, labels, pixel))
     results = run_jobs(_evaluate_job, jobs, cfg.execution, desc=f"{method} evaluate", progress=progress, memo=True)
     return (pd.concat([m for m, _ in results], ignore_index=True),
             pd.concat([s for _, s in results], ignore_index=True))
@@ -305,7 +351,7 @@ def shift_needs(run: Run) -> dict[tuple[int, Condition], set[str]]:
         needs.setdefault((int(draw), condition), set()).update(parts)
 
     for draw in cfg.data.draws:
-        for condition in shift_conditions(cfg.shift.modes, cfg.shift.transforms, cfg.shift.severities, False):
+        for condition in drop_conditions(run, draw)[1:]:
             need(draw, condition, {"test"})
     for transform, severity in cfg.sweep.shifts:
         need(first, Condition("domain", transform, int(severity)), {"val", "test"})

@@ -64,9 +64,14 @@ def resolve_workers(workers: int | None) -> int:
 
 
 def _init_worker(threads: int) -> None:
+    import signal
+
     import torch
 
     torch.set_num_threads(threads)
+    # Ctrl-C (or a notebook kernel shutting down) reaches the whole process group; the parent stops the pool,
+    # so a worker ignores it instead of printing a KeyboardInterrupt traceback from its queue wait.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --- naming a job --------------------------------------------------------------------------------------------
