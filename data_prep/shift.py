@@ -90,6 +90,10 @@ SEVERITY_TABLE: dict[str, dict[Any, Any]] = {
                     "parameter": "angle of the rotation whose uncovered border is filled with the mean colour, "
                                  "degrees (no pose change)",
                     1: 2.0, 2: 5.0, 3: 10.0, 4: 15.0, 5: 20.0, "drawn": "sign"},
+    "rotation_fill": {"kind": "control",
+                      "parameter": "the old rotation: angle in degrees, the image itself rotated and the uncovered "
+                                   "border filled with its mean colour (pose change and frame together)",
+                      1: 2.0, 2: 5.0, 3: 10.0, 4: 15.0, 5: 20.0, "drawn": "sign"},
 }
 # Scale severity 5 was 0.3 and perspective was a random offset of each corner (up to 0.14 of the side, whose
 # worst draws needed 0.8 of the side beyond the frame): both were lowered or replaced so that the generator's
@@ -392,6 +396,21 @@ def _border_fill(img, mask, valid, p, ctx):
     return out, None if mask is None else mask & new_valid, new_valid
 
 
+def _rotation_fill(img, mask, valid, p, ctx):
+    """The old rotation, kept as a control: the image itself rotated by ``angle_deg`` (no canvas), the border
+    that comes into view filled with its mean colour. Against ``rotation`` (the same pose on the canvas) and
+    ``border_fill`` (the same frame without the pose) it splits the old geometric drop into its two causes."""
+    h, w = img.shape[:2]
+    sy, sx = _source_coords(_rotation_source(p, h, w), h, w)
+    coverage = np.clip(_bilinear(np.ones((h, w), np.float32), sy, sx, outside="zero"), 0, 1)[..., None]
+    mean = img.reshape(-1, 3).mean(axis=0)
+    out = _bilinear(img, sy, sx, outside="zero") + mean * (1 - coverage)
+    new_valid = valid & _inside(sy, sx, h, w)
+    new_mask = None if mask is None else _nearest(mask, sy, sx) & new_valid
+    ctx.surround = None
+    return np.clip(out, 0, 255), new_mask, new_valid
+
+
 # --- draws: everything random goes into params, so params alone replay the transform. Each draw uses the same
 # random numbers whatever the severity, so a higher severity is the same change, only larger -------------------
 
@@ -437,6 +456,7 @@ TRANSFORMS: dict[str, Transform] = {
                              lambda v, rng: {"tilt_deg": v, "axis_deg": _round(rng.uniform(0, 180))},
                              _perspective_source),
     "border_fill": Transform("control", 0, lambda v, rng: {"angle_deg": float(_sign(rng) * v)}, _border_fill),
+    "rotation_fill": Transform("control", 0, lambda v, rng: {"angle_deg": float(_sign(rng) * v)}, _rotation_fill),
 }
 TRANSFORM_NAMES = (*TRANSFORMS, "mixed")
 GEOMETRIC = tuple(n for n, t in TRANSFORMS.items() if t.kind == "geometric")

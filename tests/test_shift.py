@@ -150,6 +150,19 @@ def test_the_canvas_margin_holds_every_pose_at_severity_5(size):
         assert valid.all(), (transform, params)
 
 
+def test_rotation_fill_is_the_pose_of_rotation_with_the_frame_of_border_fill():
+    image, mask = square_image(160, box=(60, 90, 70, 100))
+    for severity in (1, 3, 5):
+        params = {"angle_deg": -shift.SEVERITY_TABLE["rotation"][severity]}
+        old, old_mask, old_valid, _ = shift.apply_with_params(image, mask, "rotation_fill", severity, params)
+        frame, _, frame_valid, _ = shift.apply_with_params(image, None, "border_fill", severity, params)
+        pose, pose_mask, _, _ = shift.apply_with_params(image, mask, "rotation", severity, params)
+        assert np.array_equal(old_valid, frame_valid)  # the frame border_fill adds
+        inner = ndimage.binary_erosion(old_valid, iterations=2)
+        assert np.abs(old[inner].astype(int) - pose[inner]).max() <= 1  # the pose rotation makes, inside it
+        assert iou(old_mask, pose_mask) > 0.95
+
+
 def test_border_fill_is_the_old_rotation_frame_without_a_pose_change():
     image = textured_image(160)  # large enough that the 2 degree frame is thicker than its soft edge
     previous = 0.0
@@ -203,6 +216,7 @@ RANDOM_PART = {
     "scale": lambda p: np.sign(p["scale"] - 1),
     "perspective": lambda p: p["axis_deg"],
     "border_fill": lambda p: np.sign(p["angle_deg"]),
+    "rotation_fill": lambda p: np.sign(p["angle_deg"]),
     "mixed": lambda p: [(s["transform"], RANDOM_PART[s["transform"]](s["params"])) for s in p["steps"]],
 }
 
@@ -449,14 +463,14 @@ def test_geometric_images_show_no_flat_border_and_border_fill_does(synthetic_sma
     for category in SYNTHETIC_CATEGORIES:
         clean = [largest_flat_border_region(load_image(s.image_path)) for s in list_samples(synthetic_small, category)]
         assert max(clean) < 0.01  # the measure does not fire on the scenes themselves
-    for transform in GEOMETRIC + ["border_fill"]:
+    for transform in GEOMETRIC + ["border_fill", "rotation_fill"]:
         dst = shift.shift_dataset(synthetic_small, tmp_path / transform, transform, 5, seed=0, progress=False,
                                   mode=mode)
         manifest = shift.read_manifest(dst)
         for category in SYNTHETIC_CATEGORIES:
             flat = [largest_flat_border_region(load_image(s.image_path)) for s in list_samples(dst, category)]
             invalid = manifest.loc[manifest["category"] == category, "invalid_fraction"]
-            if transform == "border_fill":
+            if transform in ("border_fill", "rotation_fill"):  # the controls keep the old flat frame
                 assert min(flat) > 0.01 and (invalid > 0.1).all(), (category, flat)
             else:
                 assert max(flat) < 0.01, (transform, category, flat)
