@@ -81,9 +81,10 @@ class SweepConfig:
     """One-at-a-time hyperparameter sweeps, clean and under ``shifts``; ``grids`` overrides a method's
     registered grid per parameter (``{patchcore: {coreset_ratio: [0.01, 0.1]}}``)."""
 
-    shifts: tuple[tuple[str, int], ...] = (("spotlight", 3),)
+    shifts: tuple[tuple[str, int], ...] = (("spotlight", 3), ("spotlight", 5), ("rotation", 3), ("rotation", 5))
     grids: dict[str, dict[str, tuple[Any, ...]]] = field(default_factory=dict)
     second_backbone: str | None = "resnet18"  # swept only when its weights are on this machine
+    matched_stages: tuple[str, ...] | None = None  # stages all methods share in the matched row (None: first method's)
 
 
 @dataclass(frozen=True)

@@ -260,24 +260,82 @@ def sweep_grid(run: Run, method: str) -> list[dict]:
     return overrides
 
 
-def sweep(run: Run, method: str, conditions: Sequence[Condition], draw: int = 0, seed: int | None = None,
-          split: str = "test", progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Evaluate the configured detector and each one-parameter override on each category and condition.
+def _sweep_job(config: DetectorConfig, run: Run, draw: int, category: str, conditions: Sequence[Condition],
+               splits: Sequence[str], labels: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    detector = fit_cached(config, train_paths(run, draw, category))
+    results = [evaluate_conditions(detector, run, draw, category, conditions, split, [CLEAN], **labels)
+               for split in splits]
+    return (pd.concat([m for m, _ in results], ignore_index=True),
+            pd.concat([s for _, s in results], ignore_index=True))
+
+
+def sweep_conditions(run: Run) -> list[Condition]:
+    """Clean data and the sweep's shifts (domain mode): where each setting's robustness is measured."""
+    return [CLEAN, *(Condition("domain", t, int(s)) for t, s in run.config.sweep.shifts)]
+
+
+def sweep(run: Run, method: str, conditions: Sequence[Condition] | None = None, draw: int | None = None,
+          seed: int | None = None, splits: Sequence[str] = ("val", "test"),
+          progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Evaluate the configured detector and each one-parameter override on each category and condition, on the
+    validation split (where a setting may be chosen) and the test split (where it is reported).
 
     Rows carry ``param`` and ``value`` (``default`` for the configured detector) so one table holds every
-    swept hyperparameter."""
+    swept hyperparameter; pixel metrics are computed on clean data only. First data draw and model seed."""
     from helpers.parallel import run_jobs
 
     cfg = run.config
+    draw = cfg.data.draws[0] if draw is None else draw
+    conditions = sweep_conditions(run) if conditions is None else list(conditions)
     base = registry.configured(cfg, method, seed)
-    jobs = []
+    jobs, sizes = [], set()
     for override in [{}, *sweep_grid(run, method)]:
         param = "+".join(k for k in override if override[k] is not None) or "default"
         value = "/".join(_label(v) for v in override.values() if v is not None) or "default"
         labels = dict(method=method, seed=base.seed, param=param, value=value)
         config = base.replace(**override)
-        jobs += [(config, run, draw, category, list(conditions), split, labels) for category in cfg.data.categories]
-    results = run_jobs(_evaluate_job, jobs, cfg.execution, desc=f"{method} sweep", progress=progress, memo=True)
+        sizes.add((config.backbone, config.image_size))
+        jobs += [(config, run, draw, category, conditions, list(splits), labels) for category in cfg.data.categories]
+    for backbone, image_size in sorted(sizes):  # another backbone or input size: its own features, filled first
+        sets = [train_paths(run, draw, c) for c in cfg.data.categories]
+        sets += [list(rows_of(run, draw, c, split, cond)["image_path"]) for c in cfg.data.categories
+                 for split in splits for cond in conditions]
+        prefetch_features(run, sets, backbone, image_size, progress=progress)
+    results = run_jobs(_sweep_job, jobs, cfg.execution, desc=f"{method} sweep", progress=progress, memo=True)
+    return (pd.concat([m for m, _ in results], ignore_index=True),
+            pd.concat([s for _, s in results], ignore_index=True))
+
+
+def matched_stages(run: Run) -> tuple[str, ...]:
+    """The stages every method shares in the matched comparison: ``sweep.matched_stages``, or else the first
+    method's default stages (PatchCore's stride-8 and stride-16 pair)."""
+    cfg = run.config
+    if cfg.sweep.matched_stages:
+        return tuple(cfg.sweep.matched_stages)
+    first = registry.configured(cfg, cfg.method_names[0])
+    return tuple(first.build().stages)
+
+
+def run_matched(run: Run, method: str, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """The method on the matched stages (same image size as every method), clean data, every draw and seed: one
+    row of the baseline beside its own defaults. None when its configured stages already are the matched ones
+    or it has no stages setting."""
+    import dataclasses
+
+    from helpers.parallel import run_jobs
+
+    cfg = run.config
+    base = registry.configured(cfg, method)
+    stages = matched_stages(run)
+    if "stages" not in {f.name for f in dataclasses.fields(base.settings)} or tuple(base.build().stages) == stages:
+        return None
+    triples = [(d, s, c) for d in cfg.data.draws for s in cfg.model.seeds for c in cfg.data.categories]
+    jobs = []
+    for draw, seed, category in triples:
+        config = registry.configured(cfg, method, seed).replace(stages=list(stages))
+        labels = dict(method=method, seed=int(seed), variant="matched", stages="+".join(stages))
+        jobs.append((config, run, draw, category, [CLEAN], "test", labels, True))
+    results = run_jobs(_evaluate_job, jobs, cfg.execution, desc=f"{method} matched", progress=progress, memo=True)
     return (pd.concat([m for m, _ in results], ignore_index=True),
             pd.concat([s for _, s in results], ignore_index=True))
 

@@ -95,30 +95,38 @@ def bootstrap_auroc(a: pd.DataFrame, b: pd.DataFrame | None = None, units: Seque
                     seed: int = 0) -> Interval:
     """Mean image AUROC of arm ``a`` over units and replicates with its bootstrap interval; with ``b``, the
     paired difference AUROC(a) - AUROC(b) on the same images."""
+    if b is None:
+        return bootstrap_contrast([a], [1.0], units, replicate, n_resamples, level, seed)
+    return bootstrap_contrast([a, b], [1.0, -1.0], units, replicate, n_resamples, level, seed)
+
+
+def bootstrap_contrast(arms: Sequence[pd.DataFrame], weights: Sequence[float], units: Sequence[str] = UNITS,
+                       replicate: str = REPLICATE, n_resamples: int = 1000, level: float = 0.95,
+                       seed: int = 0) -> Interval:
+    """A weighted sum of the arms' mean AUROCs, e.g. a drop (clean - shifted, weights 1, -1) or a difference of
+    drops between two settings (1, -1, -1, 1), with one paired bootstrap: every arm is resampled with the same
+    images of each unit (drawn per class of the first arm)."""
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
-    arm_a = _wide(a, units, replicate)
-    arm_b = None if b is None else _wide(b, units, replicate)
-    if arm_b is not None and set(arm_a) != set(arm_b):
-        raise ValueError(f"the arms cover different units: {sorted(set(arm_a) ^ set(arm_b))}")
+    if len(arms) != len(weights) or not arms:
+        raise ValueError("give one weight per arm, and at least one arm")
+    wide = [_wide(arm, units, replicate) for arm in arms]
+    for other in wide[1:]:
+        if set(other) != set(wide[0]):
+            raise ValueError(f"the arms cover different units: {sorted(set(wide[0]) ^ set(other))}")
     rng = np.random.default_rng(seed)
     per_unit, points = [], []
-    for unit in sorted(arm_a):
-        images, labels, _ = arm_a[unit]
+    for unit in sorted(wide[0]):
+        images, labels, _ = wide[0][unit]
         picks = _draws(labels, n_resamples, rng)
-        values = _arm_aurocs(arm_a, unit, picks, images)
-        point = _point(arm_a, unit)
-        if arm_b is not None:
-            values = values - _arm_aurocs(arm_b, unit, picks, images)
-            point -= _point(arm_b, unit)
-        per_unit.append(values)
-        points.append(point)
+        per_unit.append(sum(w * _arm_aurocs(arm, unit, picks, images) for w, arm in zip(weights, wide)))
+        points.append(sum(w * _point(arm, unit) for w, arm in zip(weights, wide)))
     resampled = np.nanmean(np.vstack(per_unit), axis=0)
     alpha = (1 - level) / 2
     lo, hi = np.nanquantile(resampled, [alpha, 1 - alpha])
-    replicates = {len(reps) for _, _, reps in arm_a.values()}
-    return Interval(float(np.mean(points)), float(lo), float(hi), len(arm_a), min(replicates),
-                    int(sum(len(images) for images, _, _ in arm_a.values())))
+    replicates = {len(reps) for _, _, reps in wide[0].values()}
+    return Interval(float(np.mean(points)), float(lo), float(hi), len(wide[0]), min(replicates),
+                    int(sum(len(images) for images, _, _ in wide[0].values())))
 
 
 def paired_table(scores: pd.DataFrame, by: Sequence[str], arm: str, reference, units: Sequence[str] = UNITS,

@@ -87,3 +87,15 @@ def test_clopper_pearson_exact_values():
     assert lo == pytest.approx(0.00127, abs=1e-5) and hi == pytest.approx(0.2487, abs=1e-4)
     with pytest.raises(ValueError):
         stats.clopper_pearson(3, 2)
+
+
+def test_a_contrast_of_four_arms_is_the_difference_of_two_drops():
+    rng = np.random.default_rng(5)
+    labels = np.r_[np.ones(15), np.zeros(15)]
+    arms = [score_table(labels, {0: rng.normal(labels * k, 1)}) for k in (3.0, 1.0, 2.5, 2.0)]
+    contrast = stats.bootstrap_contrast(arms, [1, -1, -1, 1], n_resamples=300)
+    aucs = [metrics.image_auroc(labels, arm["score"]) for arm in arms]
+    assert contrast.estimate == pytest.approx((aucs[0] - aucs[1]) - (aucs[2] - aucs[3]))
+    assert contrast.lo <= contrast.estimate <= contrast.hi
+    drop = stats.bootstrap_auroc(arms[0], arms[1], n_resamples=300)
+    assert drop.estimate == pytest.approx(aucs[0] - aucs[1])
