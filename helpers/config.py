@@ -72,7 +72,8 @@ class ShiftConfig:
     seed: int = 0
     modes: tuple[Literal["domain", "per_image"], ...] = ("domain", "per_image")
     first_draw_only: tuple[Literal["domain", "per_image"], ...] = ("per_image",)  # modes scored on draw 0 only
-    transforms: tuple[str, ...] = ("brightness", "blur", "spotlight", "rotation", "border_fill", "mixed")
+    transforms: tuple[str, ...] = ("brightness", "blur", "spotlight", "rotation", "rotation_fill", "border_fill",
+                                   "mixed")
     severities: tuple[int, ...] = (1, 3, 5)
 
 
