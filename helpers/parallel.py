@@ -72,6 +72,25 @@ def _init_worker(threads: int) -> None:
     # Ctrl-C (or a notebook kernel shutting down) reaches the whole process group; the parent stops the pool,
     # so a worker ignores it instead of printing a KeyboardInterrupt traceback from its queue wait.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
+
+
+def _exit_with_parent(interval_s: float = 2.0) -> None:
+    """End this worker when the process that started it is gone (killed, say), instead of computing on as an
+    orphan: a killed run must not leave workers busy on the machine's cores."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 # --- naming a job --------------------------------------------------------------------------------------------
