@@ -149,26 +149,9 @@ def render(run: Run, results: dict[str, pd.DataFrame], baseline: pd.DataFrame, d
                   "Image AUROC, mean over categories (seed 0), for each value of one hyperparameter with the others "
                   "at their defaults; the second number is under the sweep's shift:",
                   bullet(sweep_findings(sweep)), "![patchcore sweep](sweep_patchcore.png)", "![padim sweep](sweep_padim.png)"]
-    summary = results.get("threshold_summary", pd.DataFrame())
-    if len(summary):
-        from helpers.adaptation import recovery_medians
+    from helpers.adaptation import report_section
 
-        med = recovery_medians(summary)
-        parts += ["## Threshold regimes",
-                  "Median image F1 on the shifted test split over categories and shifts, and the median share of "
-                  "the F1 lost to shift that each adaptation recovers (1 = back to clean, below 0 = worse than "
-                  "not adapting), taken over the conditions where the shift cost more than 0.05 F1 "
-                  "(`conditions_with_drop` of `conditions`):",
-                  markdown(med.round(3)), "", "![regimes](threshold_regimes.png)"]
-        parts += threshold_findings(shift_drop, summary)
-    needed = results.get("threshold_needed", pd.DataFrame())
-    if len(needed):
-        reached = needed.dropna(subset=["n_needed"])
-        parts.append(f"Threshold-only recalibration reached its full-validation F1 (within 0.02, median of 20 draws) "
-                     f"in {len(reached)} of {len(needed)} cases; where it did, the median subset was "
-                     f"{reached.n_needed.median():.0f} validation images of which "
-                     f"{reached.n_anomalous_needed.median():.0f} anomalous." if len(reached) else
-                     "Threshold-only recalibration never reached its full-validation F1 with the subsets tried.")
+    parts += report_section(results, cfg)
     unified = results.get("unified_metrics", pd.DataFrame())
     if len(unified):
         parts += ["## Unified model", markdown(unified.round(3)), ""]
@@ -211,24 +194,6 @@ def sweep_findings(sweep: pd.DataFrame, metric: str = "image_auroc") -> list[str
             text += " (the drop is the same for every value, within 0.005)"
         lines.append(text + ".")
     return lines
-
-
-def threshold_findings(shift_drop: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
-    """What the F1 medians hide: the F1 of flagging every test image, and the unadapted model's false alarms."""
-    if summary.empty:
-        return []
-    lines = []
-    if {"n_images", "n_anomalous"} <= set(shift_drop.columns):
-        p = float((shift_drop["n_anomalous"] / shift_drop["n_images"]).median())
-        lines.append(f"Flagging every test image would score F1 {2 * p / (1 + p):.3f} here ({100 * p:.0f} % of test "
-                     "images are anomalous), so an F1 near that value with an FPR near 1 is no detection at all.")
-    worst = summary.sort_values("fpr_none", ascending=False).iloc[0]
-    lines.append(f"Without adaptation the clean threshold flags up to {100 * worst.fpr_none:.0f} % of shifted normal "
-                 f"test images ({worst['method']}, {worst['transform']} {worst['severity']}, {worst['category']}, "
-                 f"{worst['policy']}) at F1 {worst.none:.3f}; recalibrating on the shifted validation split brings the FPR "
-                 f"to {100 * worst.fpr_threshold_only:.0f} % at F1 {worst.threshold_only:.3f}, re-fitting to "
-                 f"{100 * worst.fpr_full:.0f} % at F1 {worst.full:.3f}.")
-    return [bullet(lines)]
 
 
 def _drop_by_kind(drop: pd.DataFrame) -> str:
