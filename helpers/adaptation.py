@@ -650,9 +650,12 @@ def calibration(rows: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     from helpers.stats import clopper_pearson
 
     conformal = rows[rows["estimator"].str.startswith("conformal")]
-    pool = conformal.groupby(["category", *CONDITION])["budget"].transform("max")
+    # The whole pool is one draw; summing several draws would count the same test normals several times.
+    cell = ["method", "seed", "category", *CONDITION, "regime", "estimator", "budget"]
+    single = conformal.groupby(cell)["draw"].transform("nunique") == 1
+    largest = conformal.groupby(["category", *CONDITION])["budget"].transform("max")
     chosen = conformal[conformal["regime"].isin(["clean", "none"])
-                       | ((conformal["regime"] == "threshold_only") & (conformal["budget"] == pool))]
+                       | ((conformal["regime"] == "threshold_only") & (conformal["budget"] == largest) & single)]
     out = []
     keys = ["method", "seed", *CONDITION, "regime", "estimator", "alpha", "budget"]
     for key, group in chosen.groupby(keys, sort=True):
@@ -682,10 +685,19 @@ def tables(result: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
 
 
 def save(study: Run, named: dict[str, pd.DataFrame]) -> list:
-    """Write each table to ``study.table(name)`` (CSV, atomically); the paths written."""
+    """Write each table to ``study.table(name)`` (CSV, atomically); the paths written. A table the configuration
+    leaves empty (no label budget, no shift with a loss) is not written, and a stale one of that name is removed,
+    so the report never reads results of an earlier configuration of this run."""
     from helpers.paths import write_csv
 
-    return [write_csv(df, study.table(name)) for name, df in named.items()]
+    written = []
+    for name, df in named.items():
+        path = study.table(name)
+        if len(df):
+            written.append(write_csv(df, path))
+        else:
+            path.unlink(missing_ok=True)
+    return written
 
 
 # --- what the report says -------------------------------------------------------------------------------

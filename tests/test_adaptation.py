@@ -253,10 +253,12 @@ def test_calibration_sums_false_positives_over_categories_with_an_exact_interval
 
     base = dict(method="m", seed=0, mode="domain", transform="blur", severity=3, estimator="conformal_0.05",
                 alpha=0.05, anomalies=0, draw=0, threshold=1.0)
-    cells = [("alpha", "threshold_only", 40, 1, 19), ("beta", "threshold_only", 40, 3, 17),
-             ("alpha", "threshold_only", 10, 9, 11), ("alpha", "none", 0, 12, 8)]
-    rows = pd.DataFrame([{**base, "category": c, "regime": r, "budget": b, "fp": fp, "tn": tn,
-                          "n_threshold_images": b or 40} for c, r, b, fp, tn in cells]
+    cells = [("alpha", "threshold_only", 40, 1, 19, 0), ("beta", "threshold_only", 40, 3, 17, 0),
+             ("alpha", "threshold_only", 10, 9, 11, 0), ("alpha", "none", 0, 12, 8, 0),
+             # a largest budget drawn twice (smaller than the pool): the same test normals would count twice
+             ("gamma", "threshold_only", 40, 5, 15, 0), ("gamma", "threshold_only", 40, 5, 15, 1)]
+    rows = pd.DataFrame([{**base, "category": c, "regime": r, "budget": b, "fp": fp, "tn": tn, "draw": d,
+                          "n_threshold_images": b or 40} for c, r, b, fp, tn, d in cells]
                         + [{**base, "category": "alpha", "regime": "threshold_only", "budget": 40, "fp": 0, "tn": 20,
                             "n_threshold_images": 40, "estimator": "percentile_99", "alpha": 0.01}])
     calib = adaptation.calibration(rows).set_index("regime")
