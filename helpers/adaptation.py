@@ -380,13 +380,6 @@ def _model_job(config: DetectorConfig, run: Run, draw: int, category: str, condi
     return pd.DataFrame(rows, columns=ROW_COLUMNS), timing
 
 
-def _features_job(backbone: str, image_size: int, device: str, paths: list) -> int:
-    from helpers import backbones, features
-
-    features.extract(paths, backbone, image_size, backbones.spec(backbone).patch_stages, device=device)
-    return len(paths)
-
-
 # --- the experiment -------------------------------------------------------------------------------------
 
 def conditions_of(config) -> list[experiments.Condition]:
@@ -411,13 +404,15 @@ def target_sets(study: Run) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run(study: Run, progress: bool = True) -> dict[str, pd.DataFrame]:
+def run(study: Run, progress: bool = True, memo: bool = True) -> dict[str, pd.DataFrame]:
     """Every regime's rows (``rows``), the target image sets (``target_sets``) and per-job seconds (``timings``).
 
     Backbone features of every image read are cached first (one job per category and condition), then one job
     per (method, seed, category) scores the source model on the clean and shifted splits and derives every
     source-model regime, and one job per (method, refit seed, category, condition) fits the adapted and refit
-    models (queued first: they are the longest). The rows are the same for any number of workers."""
+    models (queued first: they are the longest). The rows are the same for any number of workers. With ``memo``
+    finished jobs are kept in the job cache (``parallel.run_jobs``), so a killed run redoes only what it lost;
+    source models come from notebook 02's model cache (a job that finds one missing fits it)."""
     from helpers import registry
     from helpers.parallel import run_jobs
 
@@ -426,34 +421,36 @@ def run(study: Run, progress: bool = True) -> dict[str, pd.DataFrame]:
     draw = cfg.data.draws[0]
     conditions = conditions_of(cfg)
     manifest = study.manifest(draw)
-    feature_jobs = []
+    image_sets = []
     for category in cfg.data.categories:
         for condition in [experiments.CLEAN, *conditions]:
             parts = ("calib", "test") if condition.is_clean else ("calib", "val", "test")
-            paths = [p for part in parts for p in
-                     experiments.rows_of(study, draw, category, part, condition, manifest)["image_path"]]
-            feature_jobs.append((cfg.model.backbone, cfg.model.image_size, cfg.model.device, paths))
-    run_jobs(_features_job, feature_jobs, cfg.execution, desc="threshold features", progress=progress)
-    # Source models come from notebook 02's cache; a job that finds one missing fits it (two jobs may then fit
-    # the same model at once: same result, written atomically).
+            image_sets.append([p for part in parts for p in
+                               experiments.rows_of(study, draw, category, part, condition, manifest)["image_path"]])
+    experiments.prefetch_features(study, image_sets, progress=progress)
     seeds = list(cfg.model.seeds)
-    model_jobs = [(_model_job, (registry.configured(cfg, m, s), study, draw, c, cond, plan))
-                  for m in cfg.methods for s in seeds[:cfg.thresholds.refit_seeds]
-                  for c in cfg.data.categories for cond in conditions]
-    source_jobs = [(_source_job, (registry.configured(cfg, m, s), study, draw, c, conditions, plan))
-                   for m in cfg.methods for s in seeds for c in cfg.data.categories]
-    results = run_jobs(_call, model_jobs + source_jobs, cfg.execution, desc="threshold regimes", progress=progress)
+    jobs = [("models", registry.configured(cfg, m, s), study, draw, c, [cond], plan)
+            for m in cfg.methods for s in seeds[:cfg.thresholds.refit_seeds]
+            for c in cfg.data.categories for cond in conditions]
+    jobs += [("source", registry.configured(cfg, m, s), study, draw, c, conditions, plan)
+             for m in cfg.methods for s in seeds for c in cfg.data.categories]
+    results = run_jobs(_regime_job, jobs, cfg.execution, desc="threshold regimes", progress=progress, memo=memo)
     rows = pd.concat([r for r, _ in results], ignore_index=True)
     return {"rows": rows, "target_sets": target_sets(study), "timings": pd.DataFrame([t for _, t in results])}
 
 
-def _call(fn, args):
-    # Many small fits and predictions: one torch thread, as in the parallel workers. In this process (workers: 1)
-    # two OpenMP threads on a shared 2-core machine made PaDiM's batched Mahalanobis product 400x slower.
+def _regime_job(kind: str, config: DetectorConfig, study: Run, draw: int, category: str,
+                conditions: Sequence[experiments.Condition], plan: Plan) -> tuple[pd.DataFrame, dict]:
+    """One job of :func:`run`: ``source`` rows of one (method, seed, category), or the adapted and refit
+    ``models`` of one (method, seed, category, condition). Many small fits and predictions: one torch thread, as
+    in the parallel workers; in this process (workers: 1) two OpenMP threads on a shared 2-core machine made
+    PaDiM's batched Mahalanobis product 400x slower."""
     from helpers.threads import one_torch_thread
 
     with one_torch_thread():
-        return fn(*args)
+        if kind == "source":
+            return _source_job(config, study, draw, category, conditions, plan)
+        return _model_job(config, study, draw, category, conditions[0], plan)
 
 
 # --- summaries: what the rows say -----------------------------------------------------------------------

@@ -330,7 +330,7 @@ def test_a_detector_without_adaptation_says_so():
 
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
-    from data_prep.shift import shift_dataset
+    from data_prep import prepare
     from tests.conftest import write_tiny_mvtec
     from tests.helpers_run import tiny_run
 
@@ -341,8 +341,10 @@ def tiny_study(tmp_path_factory):
             "data": {"calib_size": 20}, "model": {"seeds": [0]},
             "thresholds": {"transforms": ["brightness"], "severities": [3], "budgets": [4, 20], "draws": 3,
                            "refit_budgets": [4], "anomalies": [0, 2]}})
-        copy = run.shift_copy(0, "domain", "brightness", 3)
-        shift_dataset(run.data_root(0), copy, "brightness", 3, seed=0, parts=("train", "test"), progress=False)
+        # The shifted copy holds what shift_needs asks of a threshold condition: calib, val and test, no train.
+        needs = {key: parts for key, parts in experiments.shift_needs(run).items() if key == (0, CONDITION)}
+        assert needs == {(0, CONDITION): {"calib", "val", "test"}}
+        [copy] = prepare.build_shifts(run, needs, progress=False)
         yield run, copy, adaptation.run(run, progress=False), mp
 
 
@@ -371,7 +373,7 @@ def test_no_threshold_of_any_regime_moves_when_the_test_images_change(tiny_study
                 if not donor.is_file():
                     donor = next((root / category / "train" / "good").glob("*.png"))
                 shutil.copyfile(donor, target)
-    again = adaptation.run(run, progress=False)["rows"]
+    again = adaptation.run(run, progress=False, memo=False)["rows"]  # the job cache would return the old rows
     before = result["rows"]
     keys = ["method", "seed", "category", "transform", "regime", "estimator", "budget", "anomalies", "draw"]
     merged = before.merge(again, on=keys, suffixes=("", "_again"))
