@@ -26,7 +26,8 @@ false alarms.
 
 Source models are the baseline's (clean train normals of the first data draw, every model seed, the
 ``fit_cached`` entries notebook 02 wrote). Each image set is scored once per model; estimators, budgets and draws
-only re-read those scores. Refits run for the first ``thresholds.refit_seeds`` seeds at ``thresholds.refit_budgets``.
+only re-read those scores. Adapted and refit models are fitted for the first ``thresholds.refit_seeds`` seeds at
+``thresholds.adapt_budgets`` and ``thresholds.refit_budgets``.
 """
 from __future__ import annotations
 
@@ -186,6 +187,7 @@ class Plan:
     budgets: tuple[int, ...]
     draws: int
     anomalies: tuple[int, ...]
+    adapt_budgets: tuple[int, ...]
     refit_budgets: tuple[int, ...]
     folds: int
     seed: int
@@ -195,7 +197,11 @@ class Plan:
         th = config.thresholds
         return cls(tuple(thresholds.estimators(th.estimators, th.percentile, th.sigmas, th.alphas)),
                    tuple(th.budgets), int(th.draws), tuple(th.anomalies),
+                   tuple(th.budgets if th.adapt_budgets is None else th.adapt_budgets),
                    tuple(th.budgets if th.refit_budgets is None else th.refit_budgets), int(th.folds), int(th.seed))
+
+    def model_budgets(self, regime: str) -> tuple[int, ...]:
+        return self.adapt_budgets if regime == "adapted" else self.refit_budgets
 
 
 def _row(labels: dict, regime: str, estimator: str, alpha: float, budget: int, draw: int, target_set: str,
@@ -338,17 +344,19 @@ def cross_fitted(fit, calib_feats: dict, subset: np.ndarray, folds: np.ndarray):
 def model_rows(labels: dict, category: str, condition: experiments.Condition, plan: Plan, fits: dict,
                calib_keys: np.ndarray, calib_feats: dict, test_rows: pd.DataFrame, test_feats: dict) -> list[dict]:
     """Rows of the regimes that fit a model on the N target images (``fits``: regime -> function from features
-    to a fitted detector), at every refit budget and draw. ``test_feats`` are only ever predicted on."""
+    to a fitted detector), at each regime's budgets (``Plan.model_budgets``) and every draw. ``test_feats`` are
+    only ever predicted on."""
     labels = {**labels, "category": category, **condition.labels()}
     pool, rows = len(calib_keys), []
-    for budget in plan.refit_budgets:
+    for budget in sorted(set(plan.adapt_budgets) | set(plan.refit_budgets)):
         if budget > pool:
             continue
+        here = {regime: fit for regime, fit in fits.items() if budget in plan.model_budgets(regime)}
         for draw in draws_for(budget, pool, plan.draws):
             subset = target_subset(pool, budget, draw, category, condition, plan.seed)
             target = set_id(calib_keys[subset])
             folds = fold_of(budget, plan.folds, budget, draw, category, condition, plan.seed)
-            for regime, fit in fits.items():
+            for regime, fit in here.items():
                 oof_scores, oof_pixels = cross_fitted(fit, calib_feats, subset, folds)
                 prediction = fit(_take(calib_feats, subset)).predict_features(test_feats)
                 test = scored(test_rows, prediction, "test_direct")
@@ -431,7 +439,7 @@ def run(study: Run, progress: bool = True, memo: bool = True) -> dict[str, pd.Da
     seeds = list(cfg.model.seeds)
     jobs = [("models", registry.configured(cfg, m, s), study, draw, c, [cond], plan)
             for m in cfg.methods for s in seeds[:cfg.thresholds.refit_seeds]
-            for c in cfg.data.categories for cond in conditions]
+            for c in cfg.data.categories for cond in conditions if plan.adapt_budgets or plan.refit_budgets]
     jobs += [("source", registry.configured(cfg, m, s), study, draw, c, conditions, plan)
              for m in cfg.methods for s in seeds for c in cfg.data.categories]
     results = run_jobs(_regime_job, jobs, cfg.execution, desc="threshold regimes", progress=progress, memo=memo)
@@ -736,8 +744,9 @@ def report_section(results: dict[str, pd.DataFrame], config) -> list[str]:
              f"Thresholds come from normal images only. The source model keeps its threshold from the clean calib "
              f"normals ({calib_size} per category); every other regime gets the same N target-domain normals, drawn "
              f"from the shifted calib split of each `domain`-mode shift (N in {list(th.budgets)}, {th.draws} random "
-             f"draws per N; one where N is the whole split). Adapted and refit models are fitted at N in "
-             f"{list(th.budgets if th.refit_budgets is None else th.refit_budgets)} for the first "
+             f"draws per N; one where N is the whole split). Adapted models are fitted at N in "
+             f"{list(th.budgets if th.adapt_budgets is None else th.adapt_budgets)} and refit models at N in "
+             f"{list(th.budgets if th.refit_budgets is None else th.refit_budgets)}, for the first "
              f"{th.refit_seeds} model seed(s), with {th.folds}-fold cross-fitted thresholds. The oracle, F1-optimal "
              f"on the labelled shifted val split, is a bound no deployment has. Intervals are 95 % bootstrap "
              f"intervals over the draws of the N images.",

@@ -104,8 +104,10 @@ class ThresholdConfig:
     sigmas: float = 3.0  # k of mean + k sigma
     alphas: tuple[float, ...] = (0.01, 0.05)  # target false-positive rates of the conformal estimator
     anomalies: tuple[int, ...] = (0, 1, 2, 4, 8)  # labelled shifted anomalies A of the label-budget curve
-    # Budgets with adapted and refit models (None: all). PaDiM's fit takes ~2 s on 2 cores and cross-fitting
-    # needs three per draw, so the default fits them on the whole pool only (one draw).
+    adapt_budgets: tuple[int, ...] | None = None  # budgets with adapted models (None: every budget)
+    # Budgets with refit models (None: every budget). A PaDiM fit takes ~1 s on 2 cores and cross-fitting needs
+    # three per draw (30 s per category and shift at a budget with 10 draws), so the default refits on the whole
+    # pool only (one draw).
     refit_budgets: tuple[int, ...] | None = (40,)
     refit_seeds: int = 1  # adapted and refit models for the first this many model seeds
     folds: int = 2  # cross-fitting folds of the adapted and refit thresholds
@@ -411,12 +413,13 @@ def _check_thresholds(config: StudyConfig, bad) -> None:
         bad("thresholds.anomalies", f"must be counts >= 0, got {list(th.anomalies)}")
     if th.folds < 2:
         bad("thresholds.folds", f"must be at least 2, got {th.folds}")
-    refit = th.budgets if th.refit_budgets is None else th.refit_budgets
-    if not set(refit) <= set(th.budgets):
-        bad("thresholds.refit_budgets", f"must be a subset of thresholds.budgets, got {list(refit)}")
-    # Each fold model is fitted on the other folds: at least 2 images, which PaDiM's covariance needs.
-    if refit and min(refit) < 2 * th.folds:
-        bad("thresholds.refit_budgets", f"must be at least 2 x thresholds.folds ({2 * th.folds}), got {list(refit)}")
+    for key in ("adapt_budgets", "refit_budgets"):
+        chosen = th.budgets if getattr(th, key) is None else getattr(th, key)
+        if not set(chosen) <= set(th.budgets):
+            bad(f"thresholds.{key}", f"must be a subset of thresholds.budgets, got {list(chosen)}")
+        # Each fold model is fitted on the other folds: at least 2 images, which PaDiM's covariance needs.
+        if chosen and min(chosen) < 2 * th.folds:
+            bad(f"thresholds.{key}", f"must be at least 2 x thresholds.folds ({2 * th.folds}), got {list(chosen)}")
     if not 0 <= th.refit_seeds <= len(config.model.seeds):
         bad("thresholds.refit_seeds", f"must lie in 0..{len(config.model.seeds)} (model.seeds), got {th.refit_seeds}")
 
