@@ -21,8 +21,8 @@ fit ever reads:
 ``adapted`` and ``refit`` cannot take a threshold from the scores of the images they were fitted on (a memory bank
 scores its own patches near 0), so the N images are cross-fitted: K folds, each scored by a model fitted on the
 other folds; the thresholds come from these out-of-fold scores and the deployed model is fitted on all N. The fold
-models saw fewer images than the deployed one, so their scores run high and the thresholds err towards fewer
-false alarms.
+models saw fewer images than the deployed one, so their scores tend to run high and the thresholds to err towards
+fewer false alarms.
 
 Source models are the baseline's (clean train normals of the first data draw, every model seed, the
 ``fit_cached`` entries notebook 02 wrote). Each image set is scored once per model; estimators, budgets and draws
@@ -49,7 +49,6 @@ from helpers.registry import DetectorConfig
 from helpers.thresholds import Estimator, PixelCounter, ScoreSet
 
 REGIMES = ("clean", "none", "threshold_only", "normalised", "adapted", "refit", "labelled", "oracle")
-MODEL_REGIMES = ("adapted", "refit")  # the regimes that fit a model on the N target images
 PIXEL_STRIDE = 4  # pixel thresholds read every 4th map pixel per direction: a sigma-4 blurred map varies slowly
 ORACLE_PIXELS = 500_000  # pixels of the labelled val split the oracle's pixel threshold is chosen from
 ROW_COLUMNS = ["method", "seed", "category", "data_draw", "mode", "transform", "severity", "regime", "estimator",
@@ -103,11 +102,11 @@ def anomaly_order(n_anomalous: int, draw: int, category: str, condition: experim
     return rng.permutation(n_anomalous)
 
 
-def fold_of(n: int, folds: int, budget: int, draw: int, category: str, condition: experiments.Condition,
+def fold_of(budget: int, folds: int, draw: int, category: str, condition: experiments.Condition,
             seed: int = 0) -> np.ndarray:
-    """Fold (0..folds-1) of each of the N target images for cross-fitting, as balanced as N allows."""
+    """Fold (0..folds-1) of each of the N target images of a draw for cross-fitting, as balanced as N allows."""
     rng = np.random.default_rng([seed, _stable(category), _stable(_condition_key(condition)), budget, draw, 2])
-    return rng.permutation(np.arange(n) % folds)
+    return rng.permutation(np.arange(budget) % folds)
 
 
 def set_id(keys: Sequence[str]) -> str:
@@ -181,7 +180,7 @@ def evaluate(test: Scored, image_threshold: float, pixel_threshold: float | None
 
 @dataclass(frozen=True)
 class Plan:
-    """What the jobs need of the configuration, picklable: the threshold section plus the calib size."""
+    """What the jobs need of the threshold section: picklable, and part of each job's cache key."""
 
     estimators: tuple[Estimator, ...]
     budgets: tuple[int, ...]
@@ -355,7 +354,7 @@ def model_rows(labels: dict, category: str, condition: experiments.Condition, pl
         for draw in draws_for(budget, pool, plan.draws):
             subset = target_subset(pool, budget, draw, category, condition, plan.seed)
             target = set_id(calib_keys[subset])
-            folds = fold_of(budget, plan.folds, budget, draw, category, condition, plan.seed)
+            folds = fold_of(budget, plan.folds, draw, category, condition, plan.seed)
             for regime, fit in here.items():
                 oof_scores, oof_pixels = cross_fitted(fit, calib_feats, subset, folds)
                 prediction = fit(_take(calib_feats, subset)).predict_features(test_feats)

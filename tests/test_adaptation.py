@@ -308,7 +308,8 @@ def test_padim_adapted_re_estimates_the_means_and_keeps_the_covariances():
     new = {s: t + 2.0 for s, t in _random_feats(source, 5, 1).items()}
     adapted = source.adapted(new)
     assert torch.equal(source.model.gaussian.mean, mean), "the source model is unchanged"
-    assert torch.equal(source.model.gaussian.inv_covariance, inverse) and source.model.gaussian is not adapted.model.gaussian
+    assert torch.equal(source.model.gaussian.inv_covariance, inverse)
+    assert source.model.gaussian is not adapted.model.gaussian
     assert torch.equal(adapted.model.gaussian.inv_covariance, inverse)
     embedding = source.model.generate_embedding(new)
     expected = embedding.reshape(5, embedding.shape[1], -1).mean(0)
