@@ -90,11 +90,28 @@ class SweepConfig:
 
 @dataclass(frozen=True)
 class ThresholdConfig:
-    """Threshold regimes under shift."""
+    """Threshold regimes under shift (notebook 04, ``helpers.adaptation``): on which ``domain``-mode conditions,
+    with how many target-domain normals (``budgets``, each drawn ``draws`` times from the shifted calib split of
+    ``data.calib_size`` images), which normal-only estimators, and where adapted and refit models are fitted."""
 
-    policies: tuple[str, ...] = ("f1_optimal", "normal_percentile", "mean_3sigma")
     transforms: tuple[str, ...] = ("spotlight", "mixed")
     severities: tuple[int, ...] = (3,)
+    budgets: tuple[int, ...] = (5, 10, 20, 40)  # target normals N; at most data.calib_size ("all" = calib_size)
+    draws: int = 10  # random subsets per budget (one where N is the whole calib split)
+    estimators: tuple[Literal["normal_percentile", "mean_3sigma", "conformal"], ...] = (
+        "normal_percentile", "mean_3sigma", "conformal")
+    percentile: float = 99.0  # q of normal_percentile
+    sigmas: float = 3.0  # k of mean + k sigma
+    alphas: tuple[float, ...] = (0.01, 0.05)  # target false-positive rates of the conformal estimator
+    anomalies: tuple[int, ...] = (0, 1, 2, 4, 8)  # labelled shifted anomalies A of the label-budget curve
+    adapt_budgets: tuple[int, ...] | None = None  # budgets with adapted models (None: every budget)
+    # Budgets with refit models (None: every budget). A PaDiM fit takes ~1 s on 2 cores and cross-fitting needs
+    # three per draw (30 s per category and shift at a budget with 10 draws), so the default refits on the whole
+    # pool only (one draw).
+    refit_budgets: tuple[int, ...] | None = (40,)
+    refit_seeds: int = 1  # adapted and refit models for the first this many model seeds
+    folds: int = 2  # cross-fitting folds of the adapted and refit thresholds
+    seed: int = 0  # draws of target normals, labelled anomalies and folds
 
 
 @dataclass(frozen=True)
@@ -368,6 +385,43 @@ def check(config: StudyConfig, source: str) -> None:
     for name, grid in config.sweep.grids.items():
         if name not in config.methods:
             bad(f"sweep.grids.{name}", f"names no method of this study ({', '.join(config.methods)})")
+    _check_thresholds(config, bad)
+
+
+def _check_thresholds(config: StudyConfig, bad) -> None:
+    th, calib = config.thresholds, config.data.calib_size
+    if not th.transforms or not th.severities:
+        bad("thresholds.transforms", "and 'thresholds.severities' must each list at least one value")
+    if any(not 1 <= s <= 5 for s in th.severities):
+        bad("thresholds.severities", f"must lie in 1..5, got {list(th.severities)}")
+    if not th.budgets or min(th.budgets) < 2 or len(set(th.budgets)) != len(th.budgets):
+        bad("thresholds.budgets", f"must list distinct budgets of at least 2 normals, got {list(th.budgets)}")
+    if calib is not None and max(th.budgets) > calib:
+        bad("thresholds.budgets", f"must not exceed data.calib_size ({calib}), the pool of target normals; "
+                                  f"got {list(th.budgets)}")
+    if th.draws < 1:
+        bad("thresholds.draws", f"must be at least 1, got {th.draws}")
+    if not th.estimators:
+        bad("thresholds.estimators", "must list at least one estimator")
+    if not 0 < th.percentile < 100:
+        bad("thresholds.percentile", f"must lie in (0, 100), got {th.percentile}")
+    if th.sigmas <= 0:
+        bad("thresholds.sigmas", f"must be positive, got {th.sigmas}")
+    if "conformal" in th.estimators and (not th.alphas or any(not 0 < a < 1 for a in th.alphas)):
+        bad("thresholds.alphas", f"must list rates in (0, 1), got {list(th.alphas)}")
+    if any(a < 0 for a in th.anomalies):
+        bad("thresholds.anomalies", f"must be counts >= 0, got {list(th.anomalies)}")
+    if th.folds < 2:
+        bad("thresholds.folds", f"must be at least 2, got {th.folds}")
+    for key in ("adapt_budgets", "refit_budgets"):
+        chosen = th.budgets if getattr(th, key) is None else getattr(th, key)
+        if not set(chosen) <= set(th.budgets):
+            bad(f"thresholds.{key}", f"must be a subset of thresholds.budgets, got {list(chosen)}")
+        # Each fold model is fitted on the other folds: at least 2 images, which PaDiM's covariance needs.
+        if chosen and min(chosen) < 2 * th.folds:
+            bad(f"thresholds.{key}", f"must be at least 2 x thresholds.folds ({2 * th.folds}), got {list(chosen)}")
+    if not 0 <= th.refit_seeds <= len(config.model.seeds):
+        bad("thresholds.refit_seeds", f"must lie in 0..{len(config.model.seeds)} (model.seeds), got {th.refit_seeds}")
 
 
 # --- identity -----------------------------------------------------------------------------------------------

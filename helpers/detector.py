@@ -76,6 +76,12 @@ class Detector(ABC):
     def predict_features(self, feats: Features) -> Prediction:
         """Scores and maps from features."""
 
+    def adapted(self, feats: Features) -> "Detector":
+        """A new detector that keeps this fitted model and adds the normal images ``feats`` (e.g. a few normals of
+        a new domain); this detector is left unchanged. Methods that support it override this."""
+        raise NotImplementedError(f"{type(self).__name__}.adapted is not implemented: method {self.method!r} "
+                                  f"cannot add normal images to a fitted model")
+
     @abstractmethod
     def save(self, path: str | Path) -> Path:
         """Write the fitted model to ``path`` (safetensors, never a pickle)."""

@@ -399,8 +399,10 @@ def map_examples(run: Run, method: str, category: str, per_kind: int = 2):
 
 def shift_needs(run: Run) -> dict[tuple[int, Condition], set[str]]:
     """Which shifted copies the study scores, and which manifest splits each must hold: the drop study's test
-    split for every draw and condition; the sweep's test and validation splits (first draw); and every split
-    where threshold regimes recalibrate or re-fit on shifted normals (first draw)."""
+    split for every draw and condition; the sweep's test and validation splits (first draw); and for the
+    threshold regimes (first draw, domain mode) the calib split (the pool of target-domain normals that
+    recalibration, adaptation and refits draw from), the val split (the oracle and the labelled anomalies) and
+    the test split. No regime reads shifted training images."""
     cfg = run.config
     first = cfg.data.draws[0]
     needs: dict[tuple[int, Condition], set[str]] = {}
@@ -415,5 +417,5 @@ def shift_needs(run: Run) -> dict[tuple[int, Condition], set[str]]:
         need(first, Condition("domain", transform, int(severity)), {"val", "test"})
     for transform in cfg.thresholds.transforms:
         for severity in cfg.thresholds.severities:
-            need(first, Condition("domain", transform, int(severity)), {"train", "calib", "val", "test"})
+            need(first, Condition("domain", transform, int(severity)), {"calib", "val", "test"})
     return needs

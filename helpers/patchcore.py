@@ -439,6 +439,26 @@ class PatchCore(Detector):
         sources = self.bank_sources.to(loc.device)[loc]
         return d2.sqrt().view(n, h, w).cpu().numpy(), sources.view(n, h, w).cpu().numpy()
 
+    @torch.no_grad()
+    def adapted(self, feats: dict[str, torch.Tensor]) -> "PatchCore":
+        """This model's memory bank plus a coreset (same ratio, same seed) of the patches of the normal images
+        ``feats``: the source domain stays covered and the new images' patches become neighbours too. The new
+        entries' ``bank_sources`` are -1 (they come from no source training image). ``self`` is unchanged."""
+        import copy
+
+        if self.memory_bank is None:
+            raise RuntimeError("PatchCore.adapted before fit (or load)")
+        patches = rows_of(self.embed(feats))
+        keep = torch.arange(len(patches))
+        if self.coreset_ratio < 1:
+            keep = coreset_indices(patches, self.coreset_ratio, self.projection_dim, self.seed)
+        added = patches[keep.to(patches.device)].to(self.memory_bank.device)
+        adapted = copy.copy(self)
+        adapted.memory_bank = torch.cat([self.memory_bank, added]).contiguous()
+        adapted.bank_sources = torch.cat([self.bank_sources.cpu(), torch.full((len(added),), -1, dtype=torch.long)])
+        adapted._index = None
+        return adapted
+
 
 SPEC = registry.register(registry.MethodSpec(
     name="patchcore", detector=PatchCore, settings=PatchCoreSettings, label="PatchCore", colour="C0",

@@ -292,6 +292,81 @@ def interval_bars(table: pd.DataFrame, x: str, hue: str, estimate: str, lo: str,
         ax.set_ylim(*ylim)
     ax.set_title(title)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+
+
+# --- threshold regimes (notebook 04) ---------------------------------------------------------------------
+
+# Regimes that use the N target normals: colour, marker and dash each tell them apart (greyscale-safe).
+REGIME_STYLES = {
+    "threshold_only": dict(color="C0", marker="o", linestyle="-", label="threshold only"),
+    "normalised": dict(color="C1", marker="s", linestyle="--", label="normalised scores"),
+    "adapted": dict(color="C2", marker="^", linestyle="-.", label="adapted model"),
+    "refit": dict(color="C3", marker="D", linestyle=":", label="refit on the N images"),
+}
+# Levels that do not depend on N, drawn as horizontal lines.
+LEVEL_STYLES = {
+    "clean": dict(color="black", linestyle="-", linewidth=1.2, label="clean (source threshold, clean test)"),
+    "none": dict(color="0.45", linestyle=":", linewidth=1.5, label="none (source threshold)"),
+    "oracle": dict(color="black", linestyle="--", linewidth=1.0, label="oracle (F1-optimal on labelled val)"),
+    "flag_all": dict(color="0.6", linestyle="-.", linewidth=1.0, label="flag everything (F1 = 2p/(1+p))"),
+}
+
+
+def _budget_axis(ax: plt.Axes, budgets: Sequence[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(budgets), [str(b) for b in budgets])
+    ax.minorticks_off()
+
+
+def _errorbar(ax: plt.Axes, x, y, lo, hi, **style) -> None:
+    y, lo, hi = (np.asarray(v, float) for v in (y, lo, hi))
+    err = np.vstack([np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)])
+    ax.errorbar(x, y, yerr=np.nan_to_num(err), capsize=2, markersize=4, **style)
+
+
+def _panel_grid(methods: Sequence[str], columns: Sequence[str], height: float = 2.6, width: float = 2.9):
+    fig, axes = plt.subplots(len(methods), len(columns), figsize=(width * len(columns) + 2.2, height * len(methods)),
+                             squeeze=False, sharex=True, sharey=True)
+    return fig, axes
+
+
+def threshold_budget_curves(summary: pd.DataFrame, metric: str, ylabel: str, title: str | None = None) -> plt.Figure:
+    """A metric on the shifted test split against the budget N of target-domain normals: one panel per method
+    (rows) and estimator (columns), one line per regime with its interval over draws; the clean, none and oracle
+    levels as horizontal lines, and on an F1 axis the F1 of flagging every test image."""
+    estimators = [e for e in dict.fromkeys(summary.loc[summary["regime"] == "none", "estimator"])]
+    methods = list(dict.fromkeys(summary["method"]))
+    budgets = sorted(summary.loc[summary["regime"].isin(list(REGIME_STYLES)), "budget"].unique())
+    fig, axes = _panel_grid(methods, estimators)
+    for i, method in enumerate(methods):
+        own = summary[summary["method"] == method]
+        for j, estimator in enumerate(estimators):
+            ax = axes[i, j]
+            for regime, style in REGIME_STYLES.items():
+                part = own[(own["regime"] == regime) & (own["estimator"] == estimator)].sort_values("budget")
+                if len(part):
+                    _errorbar(ax, part["budget"], part[metric], part[f"{metric}_lo"], part[f"{metric}_hi"], **style)
+            for level in ("clean", "none", "oracle"):
+                part = own[(own["regime"] == level) & (own["estimator"].isin([estimator, "f1_optimal"]))]
+                if len(part) and part[metric].notna().any():
+                    ax.axhline(float(part[metric].mean()), **LEVEL_STYLES[level])
+            if metric == "f1":
+                ax.axhline(float(own.loc[own["regime"] == "none", "f1_flag_all"].mean()), **LEVEL_STYLES["flag_all"])
+            _budget_axis(ax, budgets)
+            ax.set_title(f"{method_style(method)['label']}, {estimator.replace('_', ' ')}", fontsize=9)
+            if i == len(methods) - 1:
+                ax.set_xlabel("target-domain normals N")
+            if j == 0:
+                ax.set_ylabel(ylabel)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    for ax in axes.flat[1:]:  # a level missing from the first panel still gets its legend entry
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -309,6 +384,44 @@ def marked_heatmap(table: pd.DataFrame, marks: pd.DataFrame | None, title: str, 
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+
+
+def recovery_curves(recovery: pd.DataFrame, title: str | None = None) -> plt.Figure:
+    """Share of the clean-to-shifted loss each regime recovers against the budget N, one panel per method (rows)
+    and estimator (columns), with intervals over draws; the oracle as a dashed line; 0 (no better than not
+    adapting) and 1 (back to clean) as reference lines."""
+    estimators = list(dict.fromkeys(recovery.loc[~recovery["oracle"], "estimator"]))
+    methods = list(dict.fromkeys(recovery["method"]))
+    budgets = sorted(recovery.loc[~recovery["oracle"], "budget"].unique())
+    fig, axes = _panel_grid(methods, estimators)
+    for i, method in enumerate(methods):
+        for j, estimator in enumerate(estimators):
+            ax = axes[i, j]
+            own = recovery[(recovery["method"] == method) & (recovery["estimator"] == estimator)]
+            ax.axhline(0.0, color="0.45", linestyle=":", linewidth=1.0, label="0: no better than the source threshold")
+            ax.axhline(1.0, color="black", linestyle="-", linewidth=0.8, label="1: back to the clean level")
+            for regime, style in REGIME_STYLES.items():
+                part = own[own["regime"] == regime].sort_values("budget")
+                if len(part) and part["share"].notna().any():
+                    _errorbar(ax, part["budget"], part["share"], part["share_lo"], part["share_hi"], **style)
+            oracle = own[own["oracle"]]
+            if len(oracle) and oracle["share"].notna().any():
+                ax.axhline(float(oracle["share"].mean()), **LEVEL_STYLES["oracle"])
+            _budget_axis(ax, budgets)
+            ax.set_title(f"{method_style(method)['label']}, {estimator.replace('_', ' ')}", fontsize=9)
+            if i == len(methods) - 1:
+                ax.set_xlabel("target-domain normals N")
+            if j == 0:
+                ax.set_ylabel("share of the loss recovered")
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -332,5 +445,80 @@ def forest(table: pd.DataFrame, label: str, estimate: str, lo: str, hi: str, xla
     ax.set_title(title)
     if group:
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+
+
+def label_budget_curves(summary: pd.DataFrame, metric: str, ylabel: str, title: str | None = None) -> plt.Figure:
+    """The label-budget curve: a metric against the number of labelled shifted anomalies A, one line per budget N
+    of target normals (intervals over draws), one panel per method; the oracle dashed; on an F1 axis the F1 of
+    flagging every image."""
+    methods = list(dict.fromkeys(summary["method"]))
+    labelled = summary[summary["regime"] == "labelled"]
+    budgets = sorted(labelled["budget"].unique())
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods) + 1.8, 3.0), squeeze=False, sharey=True)
+    for ax, method in zip(axes.flat, methods):
+        own = labelled[labelled["method"] == method]
+        for k, budget in enumerate(budgets):
+            part = own[own["budget"] == budget].sort_values("anomalies")
+            _errorbar(ax, part["anomalies"], part[metric], part[f"{metric}_lo"], part[f"{metric}_hi"],
+                      color=f"C{k}", marker=MARKERS[k % len(MARKERS)], linestyle="-", label=f"N = {budget} normals")
+        oracle = summary[(summary["method"] == method) & (summary["regime"] == "oracle")]
+        if len(oracle):
+            ax.axhline(float(oracle[metric].mean()), **LEVEL_STYLES["oracle"])
+        if metric == "f1":
+            flag_all = summary.loc[summary["method"] == method, "f1_flag_all"].mean()
+            ax.axhline(float(flag_all), **LEVEL_STYLES["flag_all"])
+        anomalies = sorted(own["anomalies"].unique())
+        ax.set_xticks(anomalies, [str(a) for a in anomalies])
+        ax.set_xlabel("labelled shifted anomalies A")
+        ax.set_title(method_style(method)["label"])
+    axes.flat[0].set_ylabel(ylabel)
+    axes.flat[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+CALIBRATION_STYLES = {
+    "clean": dict(color="black", marker="o", label="clean threshold, clean test normals"),
+    "none": dict(color="C3", marker="x", label="clean threshold, shifted test normals"),
+    "threshold_only": dict(color="C0", marker="s", label="threshold from all target normals, shifted"),
+}
+
+
+def calibration_plot(calibration: pd.DataFrame, title: str | None = None) -> plt.Figure:
+    """Achieved false-positive rate on the test normals against the conformal estimator's alpha, with
+    Clopper-Pearson intervals, one panel per method; each alpha's target as a short line, the rule's expected
+    FPR for the calibration size as a grey tick (0 where the threshold is infinite, marked 'inf')."""
+    methods = list(dict.fromkeys(calibration["method"]))
+    alphas = sorted(calibration["alpha"].unique())
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods) + 2.4, 3.2), squeeze=False, sharey=True)
+    offsets = dict(zip(CALIBRATION_STYLES, (-0.22, 0.0, 0.22)))
+    for ax, method in zip(axes.flat, methods):
+        own = calibration[calibration["method"] == method]
+        for a, alpha in enumerate(alphas):
+            ax.hlines(alpha, a - 0.4, a + 0.4, colors="black", linestyles="--", linewidth=1.0,
+                      label="target alpha" if a == 0 else None)
+            expected = own.loc[own["alpha"] == alpha, "expected_fpr"]
+            if len(expected):
+                ax.hlines(float(expected.mean()), a - 0.4, a + 0.4, colors="0.6", linewidth=3, alpha=0.6,
+                          label="expected FPR of the rule" if a == 0 else None)
+            for regime, style in CALIBRATION_STYLES.items():
+                part = own[(own["alpha"] == alpha) & (own["regime"] == regime)]
+                if part.empty:
+                    continue
+                x = a + offsets[regime] + np.linspace(-0.06, 0.06, len(part))
+                _errorbar(ax, x, part["fpr"], part["fpr_lo"], part["fpr_hi"], linestyle="none",
+                          label=style["label"] if a == 0 else None, color=style["color"], marker=style["marker"])
+                if part["infinite"].all():
+                    ax.annotate("inf", (a + offsets[regime], 0), textcoords="offset points", xytext=(0, 6),
+                                ha="center", fontsize=7)
+        ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+        ax.set_xlabel("conformal alpha (target FPR)")
+        ax.set_title(method_style(method)["label"])
+    axes.flat[0].set_ylabel("achieved FPR on test normals")
+    axes.flat[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

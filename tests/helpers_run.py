@@ -21,6 +21,7 @@ def tiny_run(root: Path, tmp_path: Path, monkeypatch, overrides: dict | None = N
            "methods": {"patchcore": {"coreset_ratio": 0.5, "k": 3}, "padim": {"n_features": 40}},
            "shift": {"root": str(tmp_path / "shift")},
            "sweep": {"second_backbone": None},
+           "thresholds": {"budgets": [2], "adapt_budgets": [], "refit_budgets": []},  # 2 calib normals
            "execution": {"workers": 1},
            "output": {"runs_dir": str(tmp_path / "runs")}}
     profile = tmp_path / "tiny.yaml"
