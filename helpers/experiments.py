@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -84,21 +85,32 @@ def train_paths(run: Run, draw: int, category: str | Sequence[str], condition: C
     return list(rows_of(run, draw, category, "train", condition)["image_path"])
 
 
+@lru_cache(maxsize=256)
+def _fit_settings(config: DetectorConfig) -> tuple[str, tuple[str, ...], dict]:
+    """(JSON of the settings a fit depends on, the inference-only setting names, every setting) of a configured
+    detector; built once per process, since building a detector can cost a second (PaDiM builds anomalib's
+    model)."""
+    import json
+
+    detector = config.build()
+    inference_only = type(detector).INFERENCE_SETTINGS
+    settings = detector.settings()
+    fit = {k: v for k, v in settings.items() if k not in inference_only}
+    return json.dumps(fit, sort_keys=True), inference_only, settings
+
+
 def model_path(config: DetectorConfig, train: Sequence[Path], cache_dir: Path | None = None) -> Path:
     """Where the model of these settings and training images is cached. Settings the detector marks as
     inference-only (PatchCore's k) are left out of the key, so sweeping them never re-fits."""
-    detector = config.build()
-    inference_only = type(detector).INFERENCE_SETTINGS
-    fit_settings = {k: v for k, v in detector.settings().items() if k not in inference_only}
-    key = cache_key(kind="model", method=config.method, settings=fit_settings,
-                    files=[file_digest(p) for p in train])
+    fit, _, _ = _fit_settings(config)
+    key = cache_key(kind="model", method=config.method, settings=fit, files=[file_digest(p) for p in train])
     return Path(cache_dir or CACHE / "models") / f"{config.method}-{key}.safetensors"
 
 
 def fit_cached(config: DetectorConfig, train: Sequence[Path], cache_dir: Path | None = None) -> Detector:
     """Fit a detector, or load it when the same method, fit settings and training images were fitted before."""
     path = model_path(config, train, cache_dir)
-    fresh = config.build()
+    _, inference_only, settings = _fit_settings(config)
     if path.is_file():
         try:
             detector = load_detector(path, device=config.device)
@@ -109,10 +121,10 @@ def fit_cached(config: DetectorConfig, train: Sequence[Path], cache_dir: Path | 
             path.unlink(missing_ok=True)
             return fit_cached(config, train, cache_dir)
     else:
-        detector = fresh.fit(list(train))
+        detector = config.build().fit(list(train))
         detector.save(path)  # atomic (detector.write_model): parallel jobs and killed runs leave whole files
-    for name in type(fresh).INFERENCE_SETTINGS:
-        setattr(detector, name, getattr(fresh, name))
+    for name in inference_only:
+        setattr(detector, name, settings[name])
     return detector
 
 

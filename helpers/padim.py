@@ -122,8 +122,12 @@ class Padim(Detector):
         if not self.is_fitted:
             raise RuntimeError("Padim.predict before fit (or load)")
         n = len(feats[self.stages[0]])
-        scores, maps = [], []
         generator = self.model.anomaly_map_generator
+        with one_torch_thread(self.device.type == "cpu"):  # per-position products of 100-d matrices (threads.py)
+            return self._predict_batches(feats, n, generator)
+
+    def _predict_batches(self, feats: dict[str, torch.Tensor], n: int, generator) -> Prediction:
+        scores, maps = [], []
         for start in range(0, n, self.batch_size):
             distance = generator.compute_distance(self._embedding(feats, start, start + self.batch_size),
                                                   [self.model.gaussian.mean, self.model.gaussian.inv_covariance])

@@ -42,7 +42,7 @@ def markdown(df: pd.DataFrame, float_format: str = "%.3f") -> str:
     for col in shown.columns:
         if pd.api.types.is_float_dtype(shown[col]):
             shown[col] = [float_format % v if pd.notna(v) else np.nan for v in shown[col]]
-    return shown.astype(object).where(shown.notna(), "n/a").to_markdown(index=False)
+    return shown.astype(object).where(shown.notna(), "n/a").to_markdown(index=False, disable_numparse=True)
 
 
 @dataclass

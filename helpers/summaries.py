@@ -34,8 +34,8 @@ def drop_summary(scores: pd.DataFrame, by: Sequence[str] = ("method",), n_resamp
         for cond, shifted in group[~_is_clean(group)].groupby(CONDITION, sort=True):
             if clean.empty:
                 continue
-            keys = set(shifted["image"])
-            ref = clean[clean["image"].isin(keys)]
+            # the same images: the shift's test keys, on the data draws it was scored on (per_image: the first)
+            ref = clean[clean["image"].isin(set(shifted["image"])) & clean["draw"].isin(set(shifted["draw"]))]
             base = stats.bootstrap_auroc(ref, n_resamples=n_resamples)
             after = stats.bootstrap_auroc(shifted, n_resamples=n_resamples)
             drop = stats.bootstrap_auroc(ref, shifted, n_resamples=n_resamples)
