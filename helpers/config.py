@@ -74,6 +74,8 @@ class ShiftConfig:
     first_draw_only: tuple[Literal["domain", "per_image"], ...] = ("per_image",)  # modes scored on draw 0 only
     transforms: tuple[str, ...] = ("brightness", "blur", "spotlight", "rotation", "rotation_fill", "border_fill",
                                    "mixed")
+    # per_image mode only where a draw has a random part to vary (blur has none; the controls only a sign)
+    per_image_transforms: tuple[str, ...] | None = ("brightness", "spotlight", "rotation", "mixed")
     severities: tuple[int, ...] = (1, 3, 5)
 
 

@@ -54,10 +54,15 @@ def shift_conditions(modes: Sequence[str], transforms: Sequence[str], severities
 
 def drop_conditions(run: Run, draw: int) -> list[Condition]:
     """The conditions the drop study scores on one data draw: clean, and every configured shift in every mode
-    (modes listed in ``shift.first_draw_only`` on the first draw only)."""
+    (modes listed in ``shift.first_draw_only`` on the first draw only; per-image mode for
+    ``shift.per_image_transforms``)."""
     shift = run.config.shift
     modes = [m for m in shift.modes if draw == run.config.data.draws[0] or m not in shift.first_draw_only]
-    return shift_conditions(modes, shift.transforms, shift.severities)
+    conditions = [CLEAN]
+    for mode in modes:
+        transforms = shift.per_image_transforms if mode == "per_image" and shift.per_image_transforms else shift.transforms
+        conditions += shift_conditions([mode], transforms, shift.severities, include_clean=False)
+    return conditions
 
 
 def root_for(run: Run, draw: int, condition: Condition = CLEAN) -> Path:
@@ -221,9 +226,9 @@ def run_method(run: Run, method: str, conditions: Sequence[Condition] | None = N
     table and the per-image scores behind it.
 
     Features of every image set are computed first (parallel jobs), then the fits, then one evaluation job per
-    (draw, seed, category) over all conditions. Image metrics come from every model seed; pixel metrics from
-    every seed on clean data and from the first seed under shift (they need the full anomaly maps). The tables
-    are the same for any number of workers.
+    (draw, seed, category) over all conditions. Image metrics come from every draw and model seed; pixel metrics
+    from every run on clean data and from the first draw and seed under shift (they need the full anomaly maps).
+    The tables are the same for any number of workers.
     """
     from helpers.parallel import run_jobs
 
@@ -242,7 +247,8 @@ def run_method(run: Run, method: str, conditions: Sequence[Condition] | None = N
     for draw, seed, category in triples:
         config = registry.configured(cfg, method, seed)
         labels = dict(method=method, seed=int(seed), backbone=config.backbone, image_size=config.image_size)
-        pixel = True if seed == seeds[0] else [c for c in per_draw[draw] if c.is_clean]
+        # pixel metrics need every map: on clean data for every run, under shift for the first draw and seed
+        pixel = True if (seed, draw) == (seeds[0], draws[0]) else [c for c in per_draw[draw] if c.is_clean]
         jobs.append((config, run, draw, category, per_draw[draw], split, labels, pixel))
     results = run_jobs(_evaluate_job, jobs, cfg.execution, desc=f"{method} evaluate", progress=progress, memo=True)
     return (pd.concat([m for m, _ in results], ignore_index=True),

@@ -102,3 +102,47 @@ def efficiency_times(eff: pd.DataFrame) -> str:
     return ("## Cost of each method\n\nFitted from scratch with an empty feature cache on " + measured
             + " and timed on its test split (backbone included); peak memory is the resident set above its level "
             "at the start of each phase.\n\n" + markdown(means, "%.1f") + "\n")
+
+
+# --- every stated number from a table -------------------------------------------------------------------------
+
+_CODE = r"`[^`]*`"
+_LINK = r"!?\[[^\]]*\]\([^)]*\)"
+_DECIMAL = r"(?<![\w.])-?\d+\.\d+(?![\w.])"  # 0.926, -0.008; not 2.14.1 or blocks.2
+_PERCENT = r"(?<![\w.])(\d+) %"
+
+
+def stated_numbers(text: str) -> tuple[list[str], list[int]]:
+    """The decimals and percentages a report states, outside headings, code spans and links (names such as
+    `blocks.2`)."""
+    import re
+
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))  # not headings
+    prose = re.sub(_LINK, " ", re.sub(_CODE, " ", body))
+    return re.findall(_DECIMAL, prose), [int(p) for p in re.findall(_PERCENT, prose)]
+
+
+def table_values(tables_dir: str | Path) -> tuple[set[str], list[float]]:
+    """Every cell of every CSV table: numbers formatted as the report formats them (3 decimals), raw text cells,
+    and the numeric values themselves (for percentages)."""
+    formatted, values = set(), []
+    for path in sorted(Path(tables_dir).glob("*.csv")):
+        frame = pd.read_csv(path)
+        for col in frame.columns:
+            for v in frame[col].dropna():
+                if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+                    formatted.update({f"{float(v):.3f}", f"{float(v):.2f}", f"{float(v):.1f}"})
+                    values.append(float(v))
+                else:
+                    formatted.update(str(v).replace(",", " ").split())
+    return formatted, values
+
+
+def untraceable_numbers(text: str, tables_dir: str | Path) -> list[str]:
+    """The numbers a report states that no exported table holds (as printed, or as a percentage of a rate)."""
+    decimals, percents = stated_numbers(text)
+    formatted, values = table_values(tables_dir)
+    rates = {round(100 * v) for v in values if -10 <= v <= 10}
+    missing = [d for d in decimals if d not in formatted and d.lstrip("-") not in formatted]
+    missing += [f"{p} %" for p in percents if p not in rates]
+    return missing

@@ -100,33 +100,55 @@ def bootstrap_auroc(a: pd.DataFrame, b: pd.DataFrame | None = None, units: Seque
     return bootstrap_contrast([a, b], [1.0, -1.0], units, replicate, n_resamples, level, seed)
 
 
+def resample_arms(arms: Sequence[pd.DataFrame], units: Sequence[str] = UNITS, replicate: str = REPLICATE,
+                  n_resamples: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """Each arm's mean AUROC over units and replicates, and the same mean in every paired bootstrap resample:
+    ``(points (n_arms,), resampled (n_arms, n_resamples), (n_units, n_replicates, n_images))``. Every arm is
+    resampled with the same images of each unit (drawn per class of the first arm), so any linear contrast of
+    the arms (a drop, a difference of drops) has its paired interval from one set of resamples."""
+    if not arms:
+        raise ValueError("give at least one arm")
+    wide = [_wide(arm, units, replicate) for arm in arms]
+    for other in wide[1:]:
+        if set(other) != set(wide[0]):
+            raise ValueError(f"the arms cover different units: {sorted(set(wide[0]) ^ set(other))}")
+    rng = np.random.default_rng(seed)
+    per_unit = np.empty((len(arms), len(wide[0]), n_resamples))
+    points = np.empty((len(arms), len(wide[0])))
+    for j, unit in enumerate(sorted(wide[0])):
+        images, labels, _ = wide[0][unit]
+        picks = _draws(labels, n_resamples, rng)
+        for i, arm in enumerate(wide):
+            per_unit[i, j] = _arm_aurocs(arm, unit, picks, images)
+            points[i, j] = _point(arm, unit)
+    replicates = {len(reps) for _, _, reps in wide[0].values()}
+    sizes = (len(wide[0]), min(replicates), int(sum(len(images) for images, _, _ in wide[0].values())))
+    return points.mean(axis=1), np.nanmean(per_unit, axis=1), sizes
+
+
+def contrast_interval(points: np.ndarray, resampled: np.ndarray, sizes: tuple[int, int, int],
+                      weights: Sequence[float], level: float = 0.95) -> Interval:
+    """The interval of a weighted sum of arms from :func:`resample_arms`' output."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    w = np.asarray(weights, dtype=float)
+    if w.shape != (len(points),):
+        raise ValueError("give one weight per arm")
+    alpha = (1 - level) / 2
+    lo, hi = np.nanquantile(w @ resampled, [alpha, 1 - alpha])
+    return Interval(float(w @ points), float(lo), float(hi), *sizes)
+
+
 def bootstrap_contrast(arms: Sequence[pd.DataFrame], weights: Sequence[float], units: Sequence[str] = UNITS,
                        replicate: str = REPLICATE, n_resamples: int = 1000, level: float = 0.95,
                        seed: int = 0) -> Interval:
     """A weighted sum of the arms' mean AUROCs, e.g. a drop (clean - shifted, weights 1, -1) or a difference of
     drops between two settings (1, -1, -1, 1), with one paired bootstrap: every arm is resampled with the same
     images of each unit (drawn per class of the first arm)."""
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
     if len(arms) != len(weights) or not arms:
         raise ValueError("give one weight per arm, and at least one arm")
-    wide = [_wide(arm, units, replicate) for arm in arms]
-    for other in wide[1:]:
-        if set(other) != set(wide[0]):
-            raise ValueError(f"the arms cover different units: {sorted(set(wide[0]) ^ set(other))}")
-    rng = np.random.default_rng(seed)
-    per_unit, points = [], []
-    for unit in sorted(wide[0]):
-        images, labels, _ = wide[0][unit]
-        picks = _draws(labels, n_resamples, rng)
-        per_unit.append(sum(w * _arm_aurocs(arm, unit, picks, images) for w, arm in zip(weights, wide)))
-        points.append(sum(w * _point(arm, unit) for w, arm in zip(weights, wide)))
-    resampled = np.nanmean(np.vstack(per_unit), axis=0)
-    alpha = (1 - level) / 2
-    lo, hi = np.nanquantile(resampled, [alpha, 1 - alpha])
-    replicates = {len(reps) for _, _, reps in wide[0].values()}
-    return Interval(float(np.mean(points)), float(lo), float(hi), len(wide[0]), min(replicates),
-                    int(sum(len(images) for images, _, _ in wide[0].values())))
+    points, resampled, sizes = resample_arms(arms, units, replicate, n_resamples, seed)
+    return contrast_interval(points, resampled, sizes, weights, level)
 
 
 def paired_table(scores: pd.DataFrame, by: Sequence[str], arm: str, reference, units: Sequence[str] = UNITS,

@@ -36,9 +36,10 @@ def drop_summary(scores: pd.DataFrame, by: Sequence[str] = ("method",), n_resamp
                 continue
             # the same images: the shift's test keys, on the data draws it was scored on (per_image: the first)
             ref = clean[clean["image"].isin(set(shifted["image"])) & clean["draw"].isin(set(shifted["draw"]))]
-            base = stats.bootstrap_auroc(ref, n_resamples=n_resamples)
-            after = stats.bootstrap_auroc(shifted, n_resamples=n_resamples)
-            drop = stats.bootstrap_auroc(ref, shifted, n_resamples=n_resamples)
+            points, resampled, sizes = stats.resample_arms([ref, shifted], n_resamples=n_resamples)
+            base = stats.contrast_interval(points, resampled, sizes, [1, 0])
+            after = stats.contrast_interval(points, resampled, sizes, [0, 1])
+            drop = stats.contrast_interval(points, resampled, sizes, [1, -1])
             rows.append({**dict(zip(by, key)), **dict(zip(CONDITION, cond)), "auroc_clean": base.estimate,
                          "auroc_shifted": after.estimate, "auroc_shifted_lo": after.lo, "auroc_shifted_hi": after.hi,
                          **_interval_columns(drop, "drop")})
