@@ -13,8 +13,12 @@ STAMP = ".synthetic.json"  # what a generated folder was made with; a mismatch i
 
 def _stamp(run: Run, draw: int) -> dict:
     s = run.config.data.synthetic
-    return {"seed": int(draw), "size": s.size, "n_train": s.n_train, "n_test_good": s.n_test_good,
-            "n_per_defect": s.n_per_defect}
+    stamp = {"seed": int(draw), "size": s.size, "n_train": s.n_train, "n_test_good": s.n_test_good,
+             "n_per_defect": s.n_per_defect}
+    if s.per_category:  # only when set, so folders generated before the key existed stay valid
+        stamp["per_category"] = {c: {"n_train": shape.n_train, "test": dict(shape.test), "greyscale": shape.greyscale}
+                                 for c, shape in sorted(s.per_category.items())}
+    return stamp
 
 
 def _check_stamp(root: Path, wanted: dict) -> None:
@@ -27,11 +31,26 @@ def _check_stamp(root: Path, wanted: dict) -> None:
 
 
 def _generate_job(root: Path, seed: int, category: str, size: int, n_train: int, n_test_good: int,
-                  n_per_defect: int) -> None:
+                  n_per_defect: int, test: dict[str, int] | None = None, greyscale: bool = False) -> None:
     from data_prep import synthetic
 
     synthetic.generate(root, seed=seed, size=size, categories=(category,), n_train=n_train,
-                       n_test_good=n_test_good, n_per_defect=n_per_defect)
+                       n_test_good=n_test_good, n_per_defect=n_per_defect, test=test, greyscale=greyscale)
+
+
+def generate_jobs(run: Run, draw: int, root: Path) -> list[tuple]:
+    """The arguments of one generation job per category of a draw: the uniform sizes of ``data.synthetic``, or a
+    category's own shape from ``data.synthetic.per_category``."""
+    s = run.config.data.synthetic
+    jobs = []
+    for c in run.config.data.categories:
+        shape = s.per_category.get(c)
+        if shape is None:
+            jobs.append((root, int(draw), c, s.size, s.n_train, s.n_test_good, s.n_per_defect))
+        else:
+            jobs.append((root, int(draw), c, s.size, shape.n_train, s.n_test_good, s.n_per_defect, dict(shape.test),
+                         shape.greyscale))
+    return jobs
 
 
 def ensure_datasets(run: Run, progress: bool = True) -> list[Path]:
@@ -41,12 +60,10 @@ def ensure_datasets(run: Run, progress: bool = True) -> list[Path]:
     data = run.config.data
     roots = [run.data_root(d) for d in data.draws]
     if data.dataset == "synthetic":
-        s = data.synthetic
         jobs = []
         for draw, root in zip(data.draws, roots):
             _check_stamp(root, _stamp(run, draw))
-            jobs += [(root, int(draw), c, s.size, s.n_train, s.n_test_good, s.n_per_defect)
-                     for c in data.categories if not (root / c / "train" / "good").is_dir()]
+            jobs += [job for job in generate_jobs(run, draw, root) if not (root / job[2] / "train" / "good").is_dir()]
         run_jobs(_generate_job, jobs, run.config.execution, desc="generate data", progress=progress)
         for draw, root in zip(data.draws, roots):
             atomic_write(root / STAMP, lambda tmp, d=draw: tmp.write_text(json.dumps(_stamp(run, d), indent=1)))

@@ -31,6 +31,41 @@ DEFECTS = {
     "hazelnut": ("crack", "hole", "print"),
     "zipper": ("broken_teeth", "fabric_interior", "squeezed_teeth"),
 }
+# MVTec AD's defect types that have no renderer of their own here, each drawn by the nearest renderer of its
+# category (from its own random stream, so its images differ from those of the type that draws it): a cut in a
+# hazelnut's shell is a thin dark line like a crack; a cut in a carpet opens the backing like a hole; metal
+# contamination is a foreign piece lying on the pile like a loose thread; a zipper's combined defects are shown by
+# their most common part, broken teeth; fabric on the border and rough fabric are patches of changed weave like
+# the interior's; split teeth are teeth pushed out of line like squeezed ones.
+STAND_IN_DEFECTS = {
+    "hazelnut": {"cut": "crack"},
+    "carpet": {"cut": "hole", "metal_contamination": "thread"},
+    "zipper": {"combined": "broken_teeth", "fabric_border": "fabric_interior", "rough": "fabric_interior",
+               "split_teeth": "squeezed_teeth"},
+}
+# MVTec AD's own shape (Bergmann et al., 2019/2021) for the categories generated here: train normals, test images
+# per type, and the categories it ships as single-channel greyscale. Images are 1024 px square in all three.
+MVTEC_AD_SIZE = 1024
+MVTEC_AD = {
+    "hazelnut": {"train": 391, "test": {"good": 40, "crack": 18, "cut": 17, "hole": 18, "print": 17}},
+    "carpet": {"train": 280, "test": {"good": 28, "color": 19, "cut": 17, "hole": 17, "metal_contamination": 17,
+                                      "thread": 19}},
+    "zipper": {"train": 240, "test": {"good": 32, "broken_teeth": 19, "combined": 16, "fabric_border": 17,
+                                      "fabric_interior": 16, "rough": 17, "split_teeth": 18, "squeezed_teeth": 16}},
+}
+MVTEC_AD_GREYSCALE = ("zipper",)
+
+
+def defect_types(category: str) -> tuple[str, ...]:
+    """Every defect type the generator can draw on a category: its own renderers' and the stand-in ones."""
+    return tuple(DEFECT_RENDERERS[category]) + tuple(STAND_IN_DEFECTS.get(category, {}))
+
+
+def _renderer(category: str, defect_type: str) -> Callable:
+    own = DEFECT_RENDERERS[category]
+    return own.get(defect_type) or own[STAND_IN_DEFECTS[category][defect_type]]
+
+
 MIN_SIZE = 32
 # Every scene is rendered on a canvas that extends this fraction of the side beyond each edge of the saved image,
 # which is the canvas's central crop. MVTec-Shift warps the canvas and crops back, so a pose change shows more of
@@ -690,9 +725,9 @@ def render_sample(category: str, defect_type: str = "good", index: int = 0, seed
     """
     if category not in SCENES:
         raise ValueError(f"unknown category {category!r}; known: {', '.join(CATEGORIES)}")
-    if defect_type != "good" and defect_type not in DEFECT_RENDERERS[category]:
+    if defect_type != "good" and defect_type not in defect_types(category):
         raise ValueError(f"category {category!r} has no defect {defect_type!r}; "
-                         f"known: {', '.join(DEFECTS[category])}")
+                         f"known: {', '.join(defect_types(category))}")
     if split == "train" and defect_type != "good":
         raise ValueError("the train split holds only good images")
     rng = sample_rng(seed, category, split, defect_type, index)
@@ -701,7 +736,7 @@ def render_sample(category: str, defect_type: str = "good", index: int = 0, seed
     if defect_type == "good":
         sample = SyntheticSample(image=clean, clean=clean, mask=None)
     else:
-        sample = _place_defect(rng, scene, clean, DEFECT_RENDERERS[category][defect_type], size)
+        sample = _place_defect(rng, scene, clean, _renderer(category, defect_type), size)
         if sample is None:
             raise RuntimeError(f"could not place a {defect_type} defect on {category} image {index} (seed {seed})")
     if canvas:
@@ -720,11 +755,23 @@ def _file_stem(index: int, count: int) -> str:
     return f"{index:0{max(3, len(str(count - 1)))}d}"
 
 
+def _greyscale(image: np.ndarray) -> np.ndarray:
+    """The single channel of an image whose three channels are equal (a zipper is rendered so); refuses any other."""
+    if not (image[..., :1] == image).all():
+        raise ValueError("a greyscale image was asked for, but the rendered channels differ")
+    return image[..., 0]
+
+
 def _write_category(folder: Path, category: str, seed: int, size: int, n_train: int, n_test_good: int,
-                    n_per_defect: int) -> None:
-    """The MVTec-layout images and masks, and under ``.canvas`` the same tree at canvas size."""
+                    n_per_defect: int, test: dict[str, int] | None = None, greyscale: bool = False) -> None:
+    """The MVTec-layout images and masks, and under ``.canvas`` the same tree at canvas size. ``test`` (images per
+    type, ``good`` included) replaces ``n_test_good`` and ``n_per_defect``; ``greyscale`` saves single-channel
+    images."""
     plan = [("train", "good", n_train), ("test", "good", n_test_good)]
     plan += [("test", defect, n_per_defect) for defect in DEFECTS[category]]
+    if test is not None:
+        plan = [("train", "good", n_train)] + [("test", name, count) for name, count in test.items()]
+    channels = _greyscale if greyscale else (lambda image: image)
     for split, defect, count in plan:
         for base in (folder, folder / CANVAS_FOLDER):
             (base / split / defect).mkdir(parents=True)
@@ -734,7 +781,7 @@ def _write_category(folder: Path, category: str, seed: int, size: int, n_train: 
             canvas = render_sample(category, defect, index, seed=seed, size=size, split=split, canvas=True)
             stem = _file_stem(index, count)
             for base, crop in ((folder, lambda a: crop_to_frame(a, size)), (folder / CANVAS_FOLDER, lambda a: a)):
-                _save_png(crop(canvas.image), base / split / defect / f"{stem}.png")
+                _save_png(channels(crop(canvas.image)), base / split / defect / f"{stem}.png")
                 if canvas.mask is not None:
                     _save_png(crop(canvas.mask).astype(np.uint8) * 255,
                               base / "ground_truth" / defect / f"{stem}_mask.png")
@@ -809,8 +856,12 @@ def _process_alive(pid: int) -> bool:
 
 
 def generate(root: str | Path, seed: int = 0, size: int = 256, categories: Sequence[str] = CATEGORIES,
-             n_train: int = 200, n_test_good: int = 40, n_per_defect: int = 20, overwrite: bool = False) -> Path:
+             n_train: int = 200, n_test_good: int = 40, n_per_defect: int = 20, overwrite: bool = False,
+             test: dict[str, int] | None = None, greyscale: bool = False) -> Path:
     """Write the synthetic dataset in MVTec AD layout under ``root`` and return ``root``.
+
+    ``test`` gives the test images per type (``good`` and any of :func:`defect_types`), in place of
+    ``n_test_good`` and ``n_per_defect``; ``greyscale`` saves single-channel images (zipper only renders so).
 
     All categories are first written to a hidden temporary folder inside ``root`` and renamed into place only
     when every file exists, so an interrupted run leaves no partial category behind. An existing non-empty
@@ -825,6 +876,16 @@ def generate(root: str | Path, seed: int = 0, size: int = 256, categories: Seque
     if len(set(categories)) != len(categories):
         raise ValueError(f"categories listed twice: {list(categories)}")
     _check_counts(n_train=n_train, n_test_good=n_test_good, n_per_defect=n_per_defect)
+    if test is not None:
+        _check_counts(**{f"test[{name!r}]": count for name, count in test.items()})
+        for category in categories:
+            unknown = sorted(set(test) - {"good", *defect_types(category)})
+            if unknown or "good" not in test:
+                raise ValueError(f"test must hold 'good' and defect types of {category} "
+                                 f"({', '.join(defect_types(category))}); got {list(test)}")
+    if greyscale and set(categories) - set(MVTEC_AD_GREYSCALE):
+        raise ValueError(f"greyscale images are rendered for {', '.join(MVTEC_AD_GREYSCALE)} only; "
+                         f"got {list(categories)}")
     if int(seed) != seed or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if int(size) != size or size < MIN_SIZE:
@@ -843,7 +904,7 @@ def generate(root: str | Path, seed: int = 0, size: int = 256, categories: Seque
     try:
         for category in categories:
             _write_category(staging / category, category, int(seed), int(size), int(n_train),
-                            int(n_test_good), int(n_per_defect))
+                            int(n_test_good), int(n_per_defect), None if test is None else dict(test), greyscale)
         for category in categories:
             target = root / category
             if target.is_dir() or target.exists():

@@ -29,6 +29,23 @@ class ProfileError(ValueError):
 # --- sections -----------------------------------------------------------------------------------------------
 
 
+# Metadata of a field added after runs were named: while it keeps its default it stays out of the run's hash, so
+# adding it renames no existing run (see run_hash).
+HASHED_WHEN_SET = {"hashed_when_set": True}
+
+
+@dataclass(frozen=True)
+class SyntheticCategory:
+    """The shape of one generated category when it should not be the uniform one: its train normals, its test
+    images per type (``good`` and defect types, as MVTec AD's folders name them) and whether it is saved as
+    single-channel greyscale (MVTec AD's zipper is). A defect type without a renderer of its own is drawn by the
+    category's stand-in renderer (``data_prep.synthetic.STAND_IN_DEFECTS``)."""
+
+    n_train: int
+    test: dict[str, int]  # e.g. {good: 40, crack: 18, cut: 17}
+    greyscale: bool = False
+
+
 @dataclass(frozen=True)
 class SyntheticData:
     """Sizes of the generated dataset (``data.dataset: synthetic``), per category and data draw."""
@@ -37,6 +54,9 @@ class SyntheticData:
     n_train: int = 200  # normal images in train/good (data.calib_size of them are held out for calibration)
     n_test_good: int = 60
     n_per_defect: int = 15  # test images per defect type (three types per category)
+    # Categories of another shape (the mvtec-rehearsal profile: MVTec AD's own counts); the others keep the
+    # uniform shape above.
+    per_category: dict[str, SyntheticCategory] = field(default_factory=dict, metadata=HASHED_WHEN_SET)
 
 
 @dataclass(frozen=True)
@@ -62,6 +82,12 @@ class ModelConfig:
     image_size: int = 160  # sized for 2 CPU cores; the mvtec profile uses 256
     seeds: tuple[int, ...] = (0, 1, 2)  # coreset / feature-subset seeds
     device: str = "auto"
+    # Overrides (dotted keys, as --set takes them) applied when `backbone`'s weights are not on this machine, e.g.
+    # {model.backbone: efficientnet_lite0, methods.padim.n_features: 176}: an offline rehearsal of a GPU profile.
+    # Resolved when the profile loads: `stands_in_for` then names the backbone the profile asked for, so the run's
+    # config.yaml, its hash and the report's setup all say that a stand-in ran.
+    stand_in: dict[str, Any] | None = field(default=None, metadata=HASHED_WHEN_SET)
+    stands_in_for: str | None = field(default=None, metadata=HASHED_WHEN_SET)  # set by loading, never by a profile
 
 
 @dataclass(frozen=True)
@@ -345,9 +371,25 @@ def load(profile: str | Path = "default", overrides: Mapping | None = None) -> S
     """The resolved configuration of a profile with ``overrides`` (nested or dotted keys) applied on top."""
     _, raw, path = read_profile(profile)
     source = str(path) if not overrides else f"{path} with overrides {dict(overrides)}"
-    config = build(StudyConfig, deep_merge(raw, dict(overrides or {})), "", source)
+    merged = deep_merge(raw, dict(overrides or {}))
+    config = build(StudyConfig, merged, "", source)
+    if config.model.stands_in_for is not None:
+        raise ProfileError(f"{source}: 'model.stands_in_for' is set when the profile loads (from model.stand_in), "
+                           f"not by a profile")
     check(config, source)
+    if config.model.stand_in and not _weights_here(config.model.backbone):
+        # The stand-in's values over the profile's, the caller's overrides over both.
+        merged = deep_merge(deep_merge(deep_merge(raw, config.model.stand_in), dict(overrides or {})),
+                            {"model.stands_in_for": config.model.backbone})
+        config = build(StudyConfig, merged, "", f"{source} with model.stand_in")
+        check(config, f"{source} with model.stand_in")
     return config
+
+
+def _weights_here(backbone: str) -> bool:
+    from helpers import backbones
+
+    return backbones.is_available(backbone)
 
 
 def check(config: StudyConfig, source: str) -> None:
@@ -374,6 +416,16 @@ def check(config: StudyConfig, source: str) -> None:
         bad("model.seeds", "must list at least one seed")
     if model.backbone not in backbones.REGISTRY:
         bad("model.backbone", f"must be one of {', '.join(backbones.REGISTRY)}, got {model.backbone!r}")
+    if model.stand_in is not None:
+        nested = deep_merge({}, model.stand_in)  # dotted keys as nested sections
+        stand_in_model = nested.get("model") if isinstance(nested.get("model"), Mapping) else {}
+        if "backbone" not in stand_in_model:
+            bad("model.stand_in", f"must name the backbone that stands in (model.backbone), got {dict(model.stand_in)}")
+        if {"stand_in", "stands_in_for"} & set(stand_in_model) or set(nested) & set(UNHASHED):
+            bad("model.stand_in", "changes what a run computes: it cannot set model.stand_in, model.stands_in_for, "
+                                  "execution or output")
+    if data.dataset == "synthetic":
+        _check_synthetic(data, bad)
     if config.execution.scheduler and config.execution.engine != "dask":
         bad("execution.scheduler", "names a Dask scheduler; it needs execution.engine: dask")
     if config.execution.workers < 0:
@@ -388,6 +440,27 @@ def check(config: StudyConfig, source: str) -> None:
         if name not in config.methods:
             bad(f"sweep.grids.{name}", f"names no method of this study ({', '.join(config.methods)})")
     _check_thresholds(config, bad)
+
+
+def _check_synthetic(data: DataConfig, bad) -> None:
+    from data_prep import synthetic
+
+    for category, shape in data.synthetic.per_category.items():
+        key = f"data.synthetic.per_category.{category}"
+        if category not in synthetic.SCENES:
+            bad("data.synthetic.per_category", f"names {category!r}, which the generator cannot make "
+                                               f"(it makes {', '.join(synthetic.SCENES)})")
+        if shape.n_train < 1:
+            bad(f"{key}.n_train", f"must be at least 1, got {shape.n_train}")
+        known = synthetic.defect_types(category)
+        unknown = sorted(set(shape.test) - {"good", *known})
+        if unknown:
+            bad(f"{key}.test", f"names defect types {unknown} the generator cannot draw on {category} "
+                               f"(it draws {', '.join(known)})")
+        if shape.test.get("good", 0) < 1 or len(shape.test) < 2:
+            bad(f"{key}.test", f"must hold good images and at least one defect type, got {dict(shape.test)}")
+        if any(count < 1 for count in shape.test.values()):
+            bad(f"{key}.test", f"must give every type at least one image, got {dict(shape.test)}")
 
 
 def _check_thresholds(config: StudyConfig, bad) -> None:
@@ -443,9 +516,28 @@ def to_dict(config) -> dict:
     return plain(config)
 
 
+def _identity(value):
+    """``to_dict`` of what names a run: fields marked ``HASHED_WHEN_SET`` are left out while at their default."""
+    if dataclasses.is_dataclass(value):
+        out = {}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if f.metadata.get("hashed_when_set"):
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                if v == default:
+                    continue
+            out[f.name] = _identity(v)
+        return out
+    if isinstance(value, dict):
+        return {k: _identity(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_identity(v) for v in value]
+    return value
+
+
 def run_hash(config: StudyConfig) -> str:
     """Eight hex digits of everything that changes a result (execution and output settings excluded)."""
-    body = {k: v for k, v in to_dict(config).items() if k not in UNHASHED}
+    body = {k: v for k, v in _identity(config).items() if k not in UNHASHED}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:8]
 
 

