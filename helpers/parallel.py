@@ -15,6 +15,9 @@ engine runs everything in this process, which is what tests and debuggers want. 
 live on between calls until the process exits, so a notebook pays their start-up once; jobs must therefore not
 rely on state left by earlier jobs.
 
+Each call can leave one JSON line of timings (:func:`record_batch`): the runner sets ``STUDY_JOB_TIMES`` to a file of
+the step it runs, and ``helpers.plan`` reads those lines to estimate what another profile will take.
+
 ``memo=True`` keeps each finished job's result under ``CACHE/jobs``, keyed by the function, its arguments (the
 run's execution settings left out) and the code of ``helpers``/``data_prep``; a re-run computes only the jobs
 that have no entry. Only jobs that return their product belong there: a job whose product is a file (a fitted
@@ -32,6 +35,7 @@ import multiprocessing
 import os
 import pickle
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed, wait
 from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
@@ -91,6 +95,40 @@ def _exit_with_parent(interval_s: float = 2.0) -> None:
                 os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+# --- timings of each call -----------------------------------------------------------------------------------
+
+JOB_TIMES_ENV = "STUDY_JOB_TIMES"  # file run_jobs appends one JSON line per call to (the runner sets it per step)
+STEP_ENV = "STUDY_STEP"  # the runner's step name, written into each line
+job_times_file: Path | None = None  # a module setting that takes the place of the variable (tests, scripts)
+
+
+def _timed(fn: Callable, *job) -> tuple[float, Any]:
+    """``(seconds, fn(*job))``: a job timed where it runs, so queueing and transfer are not counted."""
+    start = time.perf_counter()
+    value = fn(*job)
+    return time.perf_counter() - start, value
+
+
+def record_batch(fn: Callable, desc: str | None, jobs: int, ran: int, workers: int, engine: str, wall_s: float,
+                 job_seconds: Sequence[float]) -> Path | None:
+    """Append one line to the timings file (``job_times_file``, else ``$STUDY_JOB_TIMES``, else nowhere): the function,
+    its ``desc``, how many jobs it had and ran (the others came from the job cache), on how many workers, the wall
+    seconds of the call and the sum and maximum of the seconds each job ran. A call made inside a worker (a job that
+    runs jobs itself) is not recorded: its seconds are already its job's."""
+    target = job_times_file or os.environ.get(JOB_TIMES_ENV)
+    if not target or multiprocessing.parent_process() is not None:
+        return None
+    line = {"step": os.environ.get(STEP_ENV), "function": f"{fn.__module__}.{fn.__qualname__}", "desc": desc,
+            "jobs": int(jobs), "ran": int(ran), "workers": int(workers), "engine": engine,
+            "wall_s": round(float(wall_s), 4), "job_s": round(float(sum(job_seconds)), 4),
+            "job_max_s": round(float(max(job_seconds, default=0.0)), 4)}
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:  # one short line per write: appends from one process at a time never interleave
+        f.write(json.dumps(line) + "\n")
+    return path
 
 
 # --- naming a job --------------------------------------------------------------------------------------------
@@ -236,11 +274,13 @@ _pool: tuple[tuple, ProcessPoolExecutor] | None = None
 # (one-thread BLAS, a fixed hash seed, its own pid): not a change of ours, so it restarts no pool or cluster.
 _SET_BY_DASK = {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_",
                 "PYTHONHASHSEED", "__DASK_PARENT_PID"}
+# Read by this process only (where its timings go), never by a worker: no reason to restart one.
+_NOT_FOR_WORKERS = {JOB_TIMES_ENV, STEP_ENV}
 
 
 def _environment_key() -> int:
     """The environment spawned workers inherit (STUDY_CACHE and the like), as part of what a pool is made for."""
-    return hash(frozenset((k, v) for k, v in os.environ.items() if k not in _SET_BY_DASK))
+    return hash(frozenset((k, v) for k, v in os.environ.items() if k not in _SET_BY_DASK | _NOT_FOR_WORKERS))
 
 
 def _executor(n: int, threads: int) -> ProcessPoolExecutor:
@@ -366,6 +406,7 @@ def run_jobs(fn: Callable, jobs: Sequence[tuple], execution=1, desc: str | None 
     or a killed run keeps what was done. Raises :class:`JobFailed` for the first job that fails."""
     from tqdm.auto import tqdm
 
+    started = time.perf_counter()
     jobs = [tuple(job) for job in jobs]
     engine = getattr(execution, "engine", "local")
     if engine not in ("local", "dask"):
@@ -385,9 +426,12 @@ def run_jobs(fn: Callable, jobs: Sequence[tuple], execution=1, desc: str | None 
             else:
                 pending.append(i)
     saved: set[int] = set()
+    seconds: dict[int, float] = {}
 
-    def finished(i: int, value: Any) -> None:
+    def finished(i: int, value: Any, job_s: float | None = None) -> None:
         results[i] = value
+        if job_s is not None:
+            seconds[i] = job_s
         if memo and i not in saved:
             _save(job_cache_path(fn, keys[i], cache_dir), keys[i], value)
             saved.add(i)
@@ -399,10 +443,10 @@ def run_jobs(fn: Callable, jobs: Sequence[tuple], execution=1, desc: str | None 
         elif pending and min(workers, len(pending)) <= 1:
             for i in pending:
                 try:
-                    value = fn(*jobs[i])
+                    job_s, value = _timed(fn, *jobs[i])
                 except Exception as exc:
                     raise _failure(fn, jobs, i, exc) from exc
-                finished(i, value)
+                finished(i, value, job_s)
                 bar.update()
         elif pending:
             n = min(workers, len(pending))
@@ -410,19 +454,22 @@ def run_jobs(fn: Callable, jobs: Sequence[tuple], execution=1, desc: str | None 
             _run_pool(fn, jobs, pending, _executor(n, max(1, resolve_workers(0) // n)), finished, bar)
     finally:
         bar.close()
+    used = workers if engine == "dask" else max(1, min(workers, len(pending)))
+    record_batch(fn, desc, len(jobs), len(pending), used, engine, time.perf_counter() - started,
+                 list(seconds.values()))
     return results
 
 
 def _run_pool(fn, jobs, pending, pool, finished, bar) -> None:
-    futures = {pool.submit(fn, *jobs[i]): i for i in pending}
+    futures = {pool.submit(_timed, fn, *jobs[i]): i for i in pending}
     try:
         for future in as_completed(futures):
             i = futures[future]
             try:
-                value = future.result()
+                job_s, value = future.result()
             except Exception as exc:
                 raise _failure(fn, jobs, i, exc) from exc
-            finished(i, value)
+            finished(i, value, job_s)
             bar.update()
     except BaseException:
         for future in futures:  # a failed job stops the queue, not only the loop
@@ -430,7 +477,8 @@ def _run_pool(fn, jobs, pending, pool, finished, bar) -> None:
         wait(list(futures))
         for future, i in futures.items():  # jobs that were running still finished: keep them
             if not future.cancelled() and future.exception() is None:
-                finished(i, future.result())
+                job_s, value = future.result()
+                finished(i, value, job_s)
         raise
 
 
@@ -444,22 +492,23 @@ def _run_dask(fn, jobs, pending, execution, finished, bar) -> None:
     name = getattr(fn, "__name__", "job")
     # No `retries`: they re-run a job that raised, and a job that raises once raises again. A job whose worker
     # is lost is re-run by the scheduler itself (up to distributed.scheduler.allowed-failures times).
-    futures = {client.submit(_call_with_threads, fn, jobs[i], threads, pure=False,
+    futures = {client.submit(_call_with_threads, _timed, (fn, *jobs[i]), threads, pure=False,
                              key=f"{name}-{i}-{os.urandom(4).hex()}"): i for i in pending}
     try:
         for future in dask_completed(list(futures), loop=client.loop):
             i = futures[future]
             try:
-                value = future.result()
+                job_s, value = future.result()
             except Exception as exc:
                 raise _failure(fn, jobs, i, exc) from exc
-            finished(i, value)
+            finished(i, value, job_s)
             bar.update()
     except BaseException:
         for future, i in futures.items():  # finished beside the failure: keep them
             if future.status == "finished":
                 try:
-                    finished(i, future.result(timeout=60))
+                    job_s, value = future.result(timeout=60)
+                    finished(i, value, job_s)
                 except Exception:  # noqa: BLE001 - its worker went away meanwhile; it is simply not kept
                     pass
         client.cancel(list(futures))
