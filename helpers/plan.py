@@ -438,7 +438,7 @@ def _model_bytes(detector, n: int) -> float:
 def batches(run: Run, counts: dict | None = None, measure: bool = True) -> list[Batch]:
     """Every ``run_jobs`` call of a fresh run of the configuration, in the order the notebooks make them."""
     from helpers import experiments, registry
-    from helpers.experiments import CLEAN, Condition
+    from helpers.experiments import CLEAN
     from helpers.study import pipeline
 
     cfg = run.config
@@ -465,7 +465,7 @@ def batches(run: Run, counts: dict | None = None, measure: bool = True) -> list[
         out.append(b)
     # 01_shift: one job per shifted copy, holding the splits the later notebooks read
     b = Batch("01_shift", "shift", "shift conditions", "data_prep.prepare._shift_job")
-    for (draw, condition), parts in sorted(experiments.shift_needs(run).items()):
+    for _, parts in sorted(experiments.shift_needs(run).items()):
         n = sum(counts[c][p] for c in cats for p in parts)
         b.add(n * side ** 2)
         b.images += n
@@ -699,8 +699,10 @@ def read_run(run_dir: Path) -> Recorded | None:
     for path in sorted(state.glob("*.json")):
         record = json.loads(path.read_text())
         lines = state / f"{path.stem}.jobs.jsonl"
-        batches = [json.loads(line) for line in lines.read_text().splitlines() if line.strip()] if lines.is_file() else None
-        steps[path.stem] = {"seconds": record["seconds"], "batches": batches,
+        found = None
+        if lines.is_file():
+            found = [json.loads(line) for line in lines.read_text().splitlines() if line.strip()]
+        steps[path.stem] = {"seconds": record["seconds"], "batches": found,
                             "resources": {k: v for k, v in record.items() if k not in ("fingerprint", "seconds")}}
     return Recorded(str(run_dir), Path(run_dir).name.rsplit("-", 1)[0], config, steps)
 
@@ -865,9 +867,21 @@ def memory_notes(run: Run, counts: dict) -> list[str]:
     return lines
 
 
-def report(profile: str, overrides: dict | None = None, workers: int | None = None, measure: bool = True) -> str:
+def read_timings(path: str | Path) -> Recorded:
+    """The recorded timings of a run folder or of a ``job_times.json``; FileNotFoundError naming it otherwise."""
+    path = resolve(path)
+    found = read_summary(path) if path.is_file() else read_run(path)
+    if found is None:
+        raise FileNotFoundError(f"{path} holds no recorded job timings (a run folder with .state/*.jobs.jsonl, "
+                                f"or a {JOB_TIMES})")
+    return found
+
+
+def report(profile: str, overrides: dict | None = None, workers: int | None = None, measure: bool = True,
+           timings: str | Path | None = None) -> str:
     """The plan of a profile as Markdown: images, batches with jobs, images, fits and estimated seconds, totals,
-    disk and memory; nothing is run or written."""
+    disk and memory; nothing is run or written. ``timings``: a run folder or ``job_times.json`` to take the
+    recorded times from (default: :func:`find_recorded`)."""
     from helpers import config as config_module
     from helpers.parallel import resolve_workers
 
@@ -878,7 +892,7 @@ def report(profile: str, overrides: dict | None = None, workers: int | None = No
     planned = batches(run, counts, measure)
     here = min(_workers_here(config.execution), resolve_workers(0))
     n = int(workers) if workers else here
-    recorded = find_recorded(name, run)
+    recorded = read_timings(timings) if timings else find_recorded(name, run)
     rates = fit_rates(recorded, measure) if recorded is not None else None
     estimates = estimate(planned, rates, here, n) if rates else [Estimate(b, None, None, None) for b in planned]
     stand_in = f" (stand-in for {config.model.stands_in_for})" if config.model.stands_in_for else ""
@@ -919,7 +933,8 @@ def report(profile: str, overrides: dict | None = None, workers: int | None = No
     lines.append(f"| **total** | | | {sum(b.jobs for b in planned)} | {sum(b.images for b in planned)} | "
                  f"{sum(b.fits for b in planned)} | {_hms(totals['job'])} | **{_hms(totals['here'])}** | "
                  f"**{_hms(totals['n'])}** |")
-    lines += ["", "Per kind of job:", "", "| kind | batches | jobs | images | fits | job seconds |", "|---|---|---|---|---|---|"]
+    lines += ["", "Per kind of job:", "", "| kind | batches | jobs | images | fits | job seconds |",
+              "|---|---|---|---|---|---|"]
     for kind in dict.fromkeys(b.kind for b in planned):
         mine = [e for e in estimates if e.batch.kind == kind]
         job_s = None if any(e.job_s is None for e in mine) else sum(e.job_s for e in mine)

@@ -88,7 +88,7 @@ def fingerprint(notebook: Path, parameters: dict, config_text: str, upstream: st
 # --- what a step costs ---------------------------------------------------------------------------------------
 
 
-def process_tree_rss(root: "psutil.Process") -> int:
+def process_tree_rss(root) -> int:
     """Resident bytes of a process and every descendant (a notebook kernel and its worker processes); shared pages
     are counted once per process that maps them, as ``ps`` does."""
     import psutil
@@ -248,7 +248,7 @@ def run(profile: str | Path = "default", overrides: dict | None = None, only: li
         record = {"fingerprint": fp, "seconds": round(seconds, 1), "peak_rss_bytes": monitor.peak_rss,
                   "peak_gpu_bytes": monitor.peak_gpu,
                   "disk_bytes": {name: disk_use(path) for name, path in study_folders(study).items()}}
-        atomic_write(state, lambda tmp: tmp.write_text(json.dumps(record)))
+        atomic_write(state, lambda tmp, text=json.dumps(record): tmp.write_text(text))
         shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
         log(f"[study] {step.name}: done in {seconds:.0f} s, peak {monitor.peak_rss / 2 ** 30:.1f} GiB -> {shown}")
         executed.append(out)
@@ -406,12 +406,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", action="store_true",
                         help="run nothing: print the jobs the profile implies and their estimated time here and, "
                              "with --workers N, on N workers")
+    parser.add_argument("--timings", metavar="PATH",
+                        help="with --plan: the run folder or job_times.json whose recorded times to scale (default: "
+                             "a run of this profile, else of default)")
     args = parser.parse_args(argv)
+    if args.timings and not args.plan:
+        parser.error("--timings goes with --plan")
     if args.plan:
         from helpers import plan
 
         try:
-            print(plan.report(args.profile, _parse_set(args.set) or None, workers=args.workers), end="")
+            print(plan.report(args.profile, _parse_set(args.set) or None, workers=args.workers,
+                              timings=args.timings), end="")
         except (ProfileError, FileNotFoundError) as exc:
             print(f"[study] error: {exc}", file=sys.stderr)
             return 2

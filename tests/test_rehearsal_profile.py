@@ -1,7 +1,5 @@
 """The mvtec-rehearsal profile: the mvtec profile's settings on generated data of MVTec AD's shape, with a stand-in
 backbone that says so; configuration fields added for it leave every existing run's name as it was."""
-import dataclasses
-
 import pytest
 import yaml
 
