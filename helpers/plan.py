@@ -930,9 +930,12 @@ def report(profile: str, overrides: dict | None = None, workers: int | None = No
             lines.append(f"| {step} | outside batches | - | | | | | {_hms(outside)} | {_hms(outside)} |")
             totals["here"] += outside or 0.0
             totals["n"] += outside or 0.0
+    if rates is None:
+        totals = {key: None for key in totals}
+    mark = " + ?" if unknown and rates is not None else ""
     lines.append(f"| **total** | | | {sum(b.jobs for b in planned)} | {sum(b.images for b in planned)} | "
-                 f"{sum(b.fits for b in planned)} | {_hms(totals['job'])} | **{_hms(totals['here'])}** | "
-                 f"**{_hms(totals['n'])}** |")
+                 f"{sum(b.fits for b in planned)} | {_hms(totals['job'])}{mark} | **{_hms(totals['here'])}{mark}** | "
+                 f"**{_hms(totals['n'])}{mark}** |")
     lines += ["", "Per kind of job:", "", "| kind | batches | jobs | images | fits | job seconds |",
               "|---|---|---|---|---|---|"]
     for kind in dict.fromkeys(b.kind for b in planned):
