@@ -76,6 +76,9 @@ def test_a_step_records_its_peak_memory_disk_use_and_batch_timings(tmp_path, mon
     row = next(line for line in table.splitlines() if line.startswith("| 00_data |"))
     assert float(row.split("|")[3]) >= HELD_BYTES / 2 ** 30
     summary = json.loads((run.figures / study.JOB_TIMES).read_text())
+    before = {name: (run.figures / name).read_bytes() for name in (study.RUN_TIMES, study.JOB_TIMES)}
+    study.write_run_times(run)  # nothing re-ran: the published files must not change (no churn in git)
+    assert before == {name: (run.figures / name).read_bytes() for name in before}
     assert summary["steps"]["00_data"]["batches"] == lines and summary["profile"] == run.profile
     # the cost model reads both the run folder and the published summary
     for recorded in (plan.read_run(run.dir), plan.read_summary(run.figures / study.JOB_TIMES)):
