@@ -827,13 +827,29 @@ def estimate(planned: Sequence[Batch], rates: Rates, workers_here: int, workers_
 
 
 def outside_seconds(step: str, estimates: Sequence[Estimate], rates: Rates) -> float | None:
-    """A step's seconds outside its batches (kernel start, in-notebook work, figures), scaled as its batches are."""
+    """A step's seconds outside its batches: what the least of the recorded steps spent there (kernel start,
+    imports: the same for every notebook), plus the rest (work in the notebook, figures) scaled as the step's batches
+    are."""
     if step not in rates.outside:
         return None
+    fixed = min(rates.outside.values())
     mine = sum(e.job_s or 0.0 for e in estimates if e.batch.step == step)
     theirs = rates.step_job_s.get(step, 0.0)
     scale = mine / theirs if theirs > 0 and mine > 0 else 1.0
-    return rates.outside[step] * scale
+    return fixed + (rates.outside[step] - fixed) * scale
+
+
+def scale_factor(planned: Sequence[Batch], recorded: Recorded, measure: bool = True) -> float:
+    """How many times the recorded run's work the plan's is (all kinds together, each weighted by its rate)."""
+    reference = Run(recorded.profile, recorded.config)
+    rates = fit_rates(recorded, measure)
+
+    def seconds(batches):
+        return sum(b.work * rates.per_unit.get((b.kind, b.method), rates.per_unit.get((b.kind, None), 0.0))
+                   for b in batches)
+
+    theirs = seconds(batches(reference, _counts_of(reference), measure))
+    return seconds(planned) / theirs if theirs > 0 else math.nan
 
 
 # --- the report ----------------------------------------------------------------------------------------------
@@ -960,8 +976,15 @@ def report(profile: str, overrides: dict | None = None, workers: int | None = No
         lines += [f"- work of {kind}: {SCALING[kind]}" for kind in dict.fromkeys(b.kind for b in planned)]
         lines.append("- a batch's wall time: max(job seconds / workers, its longest job) + the per-batch overhead "
                      "measured there; a worker is assumed as fast as one recorded worker (one core each)")
-        lines.append("- seconds outside batches (kernel start, work in the notebook, figures) scale with the step's "
-                     "job seconds")
+        lines.append("- seconds outside batches: the least any recorded step spent there (kernel start, imports), plus "
+                     "the rest of the step's (work in the notebook, figures) scaled as its batches")
+        factor = scale_factor(planned, recorded, measure)
+        lines.append(f"- this plan is {factor:.3g} times the recorded run's work")
+        if factor > 20:
+            lines.append("- **rough**: the recorded run is much smaller; its jobs are dominated by fixed costs (process "
+                         "start, imports, building models) that this proportional model scales too, so expect an "
+                         "overestimate. Record a run of similar size: `default` for default, default or "
+                         "`mvtec-rehearsal` for mvtec")
         if unknown:
             lines.append("- '?': no timing of that kind or step was recorded; the total leaves it out")
         lines += [f"- not matched: {u}" for u in rates.unmatched]
