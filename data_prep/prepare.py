@@ -13,8 +13,11 @@ STAMP = ".synthetic.json"  # what a generated folder was made with; a mismatch i
 
 def _stamp(run: Run, draw: int) -> dict:
     s = run.config.data.synthetic
-    return {"seed": int(draw), "size": s.size, "n_train": s.n_train, "n_test_good": s.n_test_good,
-            "n_per_defect": s.n_per_defect}
+    stamp = {"seed": int(draw), "size": s.size, "n_train": s.n_train, "n_test_good": s.n_test_good,
+             "n_per_defect": s.n_per_defect}
+    if not s.ground_truth:
+        stamp["ground_truth"] = False
+    return stamp
 
 
 def _check_stamp(root: Path, wanted: dict) -> None:
@@ -27,11 +30,19 @@ def _check_stamp(root: Path, wanted: dict) -> None:
 
 
 def _generate_job(root: Path, seed: int, category: str, size: int, n_train: int, n_test_good: int,
-                  n_per_defect: int) -> None:
+                  n_per_defect: int, ground_truth: bool = True) -> None:
+    import shutil
+
     from data_prep import synthetic
 
     synthetic.generate(root, seed=seed, size=size, categories=(category,), n_train=n_train,
                        n_test_good=n_test_good, n_per_defect=n_per_defect)
+    if not ground_truth:
+        # An image-level-only dataset, as many inspection datasets are: the defect folders keep their labels, no
+        # pixel mask exists anywhere (the generator's canvas masks included).
+        shutil.rmtree(root / category / "ground_truth")
+        for mask in (root / category).rglob("*_mask.png"):
+            mask.unlink()
 
 
 def ensure_datasets(run: Run, progress: bool = True) -> list[Path]:
@@ -45,7 +56,7 @@ def ensure_datasets(run: Run, progress: bool = True) -> list[Path]:
         jobs = []
         for draw, root in zip(data.draws, roots):
             _check_stamp(root, _stamp(run, draw))
-            jobs += [(root, int(draw), c, s.size, s.n_train, s.n_test_good, s.n_per_defect)
+            jobs += [(root, int(draw), c, s.size, s.n_train, s.n_test_good, s.n_per_defect, s.ground_truth)
                      for c in data.categories if not (root / c / "train" / "good").is_dir()]
         run_jobs(_generate_job, jobs, run.config.execution, desc="generate data", progress=progress)
         for draw, root in zip(data.draws, roots):

@@ -37,6 +37,7 @@ class SyntheticData:
     n_train: int = 200  # normal images in train/good (data.calib_size of them are held out for calibration)
     n_test_good: int = 60
     n_per_defect: int = 15  # test images per defect type (three types per category)
+    ground_truth: bool = True  # False: no pixel masks (image-level labels only, as many inspection datasets)
 
 
 @dataclass(frozen=True)

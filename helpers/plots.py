@@ -270,30 +270,6 @@ def score_distributions(dists: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def interval_bars(table: pd.DataFrame, x: str, hue: str, estimate: str, lo: str, hi: str, ylabel: str,
-                  title: str = "", ylim: tuple[float, float] | None = None, reference: float | None = None
-                  ) -> plt.Figure:
-    """Bars of an estimate per ``x`` and ``hue`` (e.g. category and method) with their interval as error bars;
-    each hue keeps its hatch, so the figure reads in greyscale. ``reference`` draws a horizontal line."""
-    xs, hues = list(dict.fromkeys(table[x])), list(dict.fromkeys(table[hue]))
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(xs) * max(1, len(hues)) / 2, 3.0))
-    width = 0.8 / len(hues)
-    for i, h in enumerate(hues):
-        sub = table[table[hue] == h].set_index(x).reindex(xs)
-        pos = np.arange(len(xs)) + (i - (len(hues) - 1) / 2) * width
-        err = np.vstack([sub[estimate] - sub[lo], sub[hi] - sub[estimate]]).clip(min=0)
-        ax.bar(pos, sub[estimate], width, yerr=err, capsize=3, label=str(h), color=f"C{i}",
-               hatch=["", "//", "..", "xx"][i % 4], edgecolor="black")
-    if reference is not None:
-        ax.axhline(reference, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=20 if len(xs) > 4 else 0)
-    ax.set_ylabel(ylabel)
-    if ylim:
-        ax.set_ylim(*ylim)
-    ax.set_title(title)
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
-
-
 # --- threshold regimes (notebook 04) ---------------------------------------------------------------------
 
 # Regimes that use the N target normals: colour, marker and dash each tell them apart (greyscale-safe).
@@ -371,21 +347,6 @@ def threshold_budget_curves(summary: pd.DataFrame, metric: str, ylabel: str, tit
     return fig
 
 
-def marked_heatmap(table: pd.DataFrame, marks: pd.DataFrame | None, title: str, xlabel: str, ylabel: str,
-                   fmt: str = ".2f", cmap: str = "rocket_r", center: float | None = None) -> plt.Figure:
-    """A heat map whose cells where ``marks`` is True carry a dagger (e.g. a shift inside the variation the
-    training images already have)."""
-    fig, ax = plt.subplots(figsize=(1.4 + 0.9 * table.shape[1], 0.9 + 0.45 * table.shape[0]))
-    labels = table.map(lambda v: "" if pd.isna(v) else format(v, fmt))
-    if marks is not None:
-        marks = marks.reindex_like(table).fillna(False).astype(bool)
-        labels = labels.where(~marks, labels + "†")
-    sns.heatmap(table, annot=labels.to_numpy(), fmt="", cmap=cmap, center=center, ax=ax, cbar_kws={"shrink": 0.8})
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-
-
 def recovery_curves(recovery: pd.DataFrame, title: str | None = None) -> plt.Figure:
     """Share of the clean-to-shifted loss each regime recovers against the budget N, one panel per method (rows)
     and estimator (columns), with intervals over draws; the oracle as a dashed line; 0 (no better than not
@@ -424,27 +385,6 @@ def recovery_curves(recovery: pd.DataFrame, title: str | None = None) -> plt.Fig
         fig.suptitle(title)
     fig.tight_layout()
     return fig
-
-
-def forest(table: pd.DataFrame, label: str, estimate: str, lo: str, hi: str, xlabel: str, title: str = "",
-           group: str | None = None) -> plt.Figure:
-    """Estimates with horizontal interval lines, one row per ``label`` (a forest plot); a vertical line at 0.
-    Rows of the same ``group`` share a marker."""
-    rows = table.reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(6.0, 0.6 + 0.28 * len(rows)))
-    groups = list(dict.fromkeys(rows[group])) if group else [None]
-    for i, r in rows.iterrows():
-        gi = groups.index(r[group]) if group else 0
-        ax.errorbar(r[estimate], i, xerr=[[max(r[estimate] - r[lo], 0)], [max(r[hi] - r[estimate], 0)]],
-                    fmt=MARKERS[gi % len(MARKERS)], color=f"C{gi}", capsize=2,
-                    label=str(r[group]) if group and i == rows.index[rows[group] == r[group]][0] else None)
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(rows)), rows[label])
-    ax.invert_yaxis()
-    ax.set_xlabel(xlabel)
-    ax.set_title(title)
-    if group:
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
 
 
 def label_budget_curves(summary: pd.DataFrame, metric: str, ylabel: str, title: str | None = None) -> plt.Figure:
@@ -520,5 +460,71 @@ def calibration_plot(calibration: pd.DataFrame, title: str | None = None) -> plt
     axes.flat[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def interval_bars(table: pd.DataFrame, x: str, hue: str, estimate: str, lo: str, hi: str, ylabel: str,
+                  title: str = "", ylim: tuple[float, float] | None = None, reference: float | None = None
+                  ) -> plt.Figure:
+    """Bars of an estimate per ``x`` and ``hue`` (e.g. category and method) with their interval as error bars;
+    each hue keeps its hatch, so the figure reads in greyscale. ``reference`` draws a horizontal line."""
+    xs, hues = list(dict.fromkeys(table[x])), list(dict.fromkeys(table[hue]))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(xs) * max(1, len(hues)) / 2, 3.0))
+    width = 0.8 / len(hues)
+    for i, h in enumerate(hues):
+        sub = table[table[hue] == h].set_index(x).reindex(xs)
+        pos = np.arange(len(xs)) + (i - (len(hues) - 1) / 2) * width
+        err = np.vstack([sub[estimate] - sub[lo], sub[hi] - sub[estimate]]).clip(min=0)
+        ax.bar(pos, sub[estimate], width, yerr=err, capsize=3, label=str(h), color=f"C{i}",
+               hatch=["", "//", "..", "xx"][i % 4], edgecolor="black")
+    if reference is not None:
+        ax.axhline(reference, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=20 if len(xs) > 4 else 0)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_title(title)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def marked_heatmap(table: pd.DataFrame, marks: pd.DataFrame | None, title: str, xlabel: str, ylabel: str,
+                   fmt: str = ".2f", cmap: str = "rocket_r", center: float | None = None) -> plt.Figure:
+    """A heat map whose cells where ``marks`` is True carry a dagger (e.g. a shift inside the variation the
+    training images already have)."""
+    fig, ax = plt.subplots(figsize=(1.4 + 0.9 * table.shape[1], 0.9 + 0.45 * table.shape[0]))
+    labels = table.map(lambda v: "" if pd.isna(v) else format(v, fmt))
+    if marks is not None:
+        marks = marks.reindex_like(table).fillna(False).astype(bool)
+        labels = labels.where(~marks, labels + "†")
+    sns.heatmap(table, annot=labels.to_numpy(), fmt="", cmap=cmap, center=center, ax=ax, cbar_kws={"shrink": 0.8})
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    return fig
+
+
+def forest(table: pd.DataFrame, label: str, estimate: str, lo: str, hi: str, xlabel: str, title: str = "",
+           group: str | None = None) -> plt.Figure:
+    """Estimates with horizontal interval lines, one row per ``label`` (a forest plot); a vertical line at 0.
+    Rows of the same ``group`` share a marker."""
+    rows = table.reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(6.0, 0.6 + 0.28 * len(rows)))
+    groups = list(dict.fromkeys(rows[group])) if group else [None]
+    for i, r in rows.iterrows():
+        gi = groups.index(r[group]) if group else 0
+        ax.errorbar(r[estimate], i, xerr=[[max(r[estimate] - r[lo], 0)], [max(r[hi] - r[estimate], 0)]],
+                    fmt=MARKERS[gi % len(MARKERS)], color=f"C{gi}", capsize=2,
+                    label=str(r[group]) if group and i == rows.index[rows[group] == r[group]][0] else None)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), rows[label])
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    if group:
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     fig.tight_layout()
     return fig

@@ -174,3 +174,25 @@ def test_a_failing_notebook_is_named_with_its_cell(tmp_path, monkeypatch):
     with pytest.raises(study.NotebookFailed, match=r"00_data failed in cell 3: `raise ValueError\('boom'\)` \(ValueError: boom\)"):
         study.run(str(profile), log=lambda *_: None, folder=folder)
     assert not list(tmp_path.glob("runs/*/.state/*.json")), "a failed notebook must not be marked done"
+
+
+def test_a_dataset_without_pixel_masks_runs_every_notebook(tmp_path, monkeypatch):
+    """Image-level labels only (no ground_truth folder): every notebook runs, and pixel metrics are reported as
+    not available instead of being invented."""
+    import pandas as pd
+
+    from helpers.paths import Run
+
+    monkeypatch.setenv("STUDY_CACHE", str(tmp_path / "cache"))
+    profile = _smoke_profile(tmp_path, **{"data.synthetic.ground_truth": False, "data.draws": [0],
+                                          "model.seeds": [0]})
+    executed = study.run(str(profile), log=lambda *_: None)
+    run = Run.open(profile)
+    assert not list(run.data_root(0).glob("*/ground_truth"))
+    for path in executed:
+        nb = nbformat.read(path, as_version=4)
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors, f"{path.name}: {errors[0]['ename']}: {errors[0]['evalue']}"
+    baseline = pd.read_csv(run.tables / "baseline.csv")
+    assert baseline["pixel_aupro"].isna().all() and baseline["image_auroc"].notna().all()
+    assert "n/a" in (run.figures / "REPORT.md").read_text()
