@@ -27,10 +27,10 @@ split, and the controls ``control_<side>``: the cross-category anomalies of :mod
 (squares of another category's normal image, ``<side>`` a share of the image side) with the category's normal
 test images.
 
-Every model seed is fitted and judged; pixel AUPRO on the controls and PaDiM's covariance summary come from the
-first seed only, and so does the curve over the number of pooled categories (``unified.curve``), which judges the
-test split and the whole-image control. The paired bootstrap of :mod:`helpers.stats` gives the intervals of
-per-category against pooled AUROC on the same images.
+Every model seed is fitted and judged; pixel AUPRO on the controls, the oracle thresholds and PaDiM's covariance
+summary come from the first seed only, and so does the curve over the number of pooled categories
+(``unified.curve``), which judges the test split and the whole-image control. The paired bootstrap of
+:mod:`helpers.stats` gives the intervals of per-category against pooled AUROC on the same images.
 """
 from __future__ import annotations
 
@@ -265,15 +265,17 @@ def _join_scores(parts: Sequence[tuple[SplitScores, np.ndarray | None, np.ndarra
 
 def _model_job(config: DetectorConfig, run: Run, draw: int, categories: tuple[str, ...],
                control_sources: dict[str, tuple[str, ...]], control_aupro: dict[str, list[tuple[str, ...]]],
-               full: bool, covariance: bool) -> ModelScores:
+               full: bool, first_seed: bool) -> ModelScores:
     """Fit (or load) the model of ``categories`` and score, for each of them, its calibration, validation, test
     and control images (the controls' anomalies made with ``control_sources[category]``); pixel AUPRO on the
     test split and, per control, on each source subset of ``control_aupro``. A model only the curve needs
-    (``full`` False) skips the validation split (oracle thresholds), every control but the whole-image one (the
-    largest square) and pixel AUPRO; ``covariance`` asks a Gaussian model for its covariance summary."""
+    (``full`` False) skips every control but the whole-image one (the largest square) and pixel AUPRO; only a
+    model of the first seed (``first_seed``) scores the validation split (oracle thresholds) and gives a
+    Gaussian's covariance summary."""
     from data_prep import cross_category
 
     u = run.config.unified
+    oracle, covariance = first_seed, first_seed and full
     manifest = run.manifest(draw)
     train = train_rows(run, categories, draw, manifest)
     detector = experiments.fit_cached(config, list(train["image_path"]))
@@ -285,7 +287,7 @@ def _model_job(config: DetectorConfig, run: Run, draw: int, categories: tuple[st
                          for name, patch in wanted.items()}
     out: dict = {}
     for category in categories:
-        for split in SPLITS if full else ("calib", "test"):
+        for split in SPLITS if full and oracle else ("calib", "test"):
             rows = experiments.rows_of(run, draw, category, split, manifest=manifest)
             scored, masks, maps = _score_rows(detector, rows, train_categories, category, grid, u.patch_area,
                                               with_patches=split != "val")
@@ -320,9 +322,10 @@ def _model_job(config: DetectorConfig, run: Run, draw: int, categories: tuple[st
 
 def model_jobs(run: Run, draw: int | None = None) -> list[tuple]:
     """One job per distinct model (method, seed, training categories), pooled ones first (the longest). Pixel
-    AUPRO on the controls and a Gaussian's covariance summary come from the first model seed only (test-split
-    AUPRO from every seed): the pixel sort costs as much as scoring the images, the float64 inversion of 1,600
-    covariances about a second per model."""
+    AUPRO on the controls, the oracle thresholds (the validation split) and a Gaussian's covariance summary come
+    from the first model seed only (test-split AUPRO and every normal-only measure from every seed): the pixel
+    sort costs as much as scoring the images, the float64 inversion of 1,600 covariances about a second per
+    model, and the oracle is an extra."""
     cfg = run.config
     draw = first_draw(run) if draw is None else draw
     first_seed = int(cfg.model.seeds[0])
@@ -349,7 +352,7 @@ def model_jobs(run: Run, draw: int | None = None) -> list[tuple]:
     for (method, seed, categories), entry in wanted.items():
         config = registry.configured(cfg, method, seed)
         jobs.append((config, run, draw, categories, entry["sources"], entry["aupro"], entry["full"],
-                     entry["full"] and seed == first_seed))
+                     seed == first_seed))
     return sorted(jobs, key=lambda job: -len(job[3]))
 
 
@@ -620,34 +623,43 @@ def covariance_widening(results: dict, method: str, pool: Pool, seed: int) -> pd
     return pd.DataFrame(rows)
 
 
-def intervals(scores: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+def _group_intervals(group: pd.DataFrame, labels: dict, n_resamples: int, seed: int) -> list[dict]:
+    per = group[group["setting"] == "per_category"]
+    pooled = group[group["setting"] == "model_unified"]
+    pairs = [("mean", per, pooled)] + [(c, per[per.category == c], pooled[pooled.category == c])
+                                       for c in sorted(per["category"].unique())]
+    rows = []
+    for category, a, b in pairs:
+        interval = stats.bootstrap_auroc(a, b, units=("category",), n_resamples=n_resamples, seed=seed)
+        rows.append({**labels, "comparison": "per_category - model_unified", "category": category,
+                     **interval.as_dict()})
+    normalised = group[group["setting"] == "absolute_unified_normalised"]
+    raw = group[group["setting"] == "absolute_unified_raw"]
+    if len(normalised):
+        # One unit: every category's images ranked together, as one global threshold sees them.
+        def one_unit(df):
+            return df.assign(unit=ALL, image=df["category"] + "/" + df["image"])
+
+        interval = stats.bootstrap_auroc(one_unit(normalised), one_unit(raw), units=("unit",),
+                                         n_resamples=n_resamples, seed=seed)
+        rows.append({**labels, "comparison": "absolute_unified_normalised - absolute_unified_raw",
+                     "category": ALL, **interval.as_dict()})
+    return rows
+
+
+def intervals(scores: pd.DataFrame, n_resamples: int = 1000, seed: int = 0, execution=None) -> pd.DataFrame:
     """Paired bootstrap intervals (over the images, the same draw for every model seed) of AUROC(per-category) -
     AUROC(pooled, model-unified) per method, set, data and category, and of their mean over the categories
     (``category`` = mean); and of AUROC(normalised) - AUROC(raw) of the absolute setting's one ranking of every
-    category's images (``category`` = all)."""
-    rows = []
-    for (method, set_name, data), group in scores.groupby(["method", "set", "data"], sort=True):
-        per = group[group["setting"] == "per_category"]
-        pooled = group[group["setting"] == "model_unified"]
-        labels = dict(method=method, set=set_name, data=data)
-        pairs = [("mean", per, pooled)] + [(c, per[per.category == c], pooled[pooled.category == c])
-                                           for c in sorted(per["category"].unique())]
-        for category, a, b in pairs:
-            interval = stats.bootstrap_auroc(a, b, units=("category",), n_resamples=n_resamples, seed=seed)
-            rows.append({**labels, "comparison": "per_category - model_unified", "category": category,
-                         **interval.as_dict()})
-        normalised = group[group["setting"] == "absolute_unified_normalised"]
-        raw = group[group["setting"] == "absolute_unified_raw"]
-        if len(normalised):
-            # One unit: every category's images ranked together, as one global threshold sees them.
-            def one_unit(df):
-                return df.assign(unit=ALL, image=df["category"] + "/" + df["image"])
+    category's images (``category`` = all). One parallel job per method, set and data with ``execution``."""
+    from helpers.config import ExecutionConfig
+    from helpers.parallel import run_jobs
 
-            interval = stats.bootstrap_auroc(one_unit(normalised), one_unit(raw), units=("unit",),
-                                             n_resamples=n_resamples, seed=seed)
-            rows.append({**labels, "comparison": "absolute_unified_normalised - absolute_unified_raw",
-                         "category": ALL, **interval.as_dict()})
-    return pd.DataFrame(rows)
+    jobs = [(group, dict(method=method, set=set_name, data=data), n_resamples, seed)
+            for (method, set_name, data), group in scores.groupby(["method", "set", "data"], sort=True)]
+    results = run_jobs(_group_intervals, jobs, execution or ExecutionConfig(workers=1), desc="intervals",
+                       progress=False)
+    return pd.DataFrame([row for rows in results for row in rows])
 
 
 def curve_table(metrics_table: pd.DataFrame, run: Run) -> pd.DataFrame:
@@ -741,7 +753,7 @@ def run_study(run: Run, progress: bool = True) -> dict[str, pd.DataFrame]:
     scores_table = pd.concat(scores, ignore_index=True)
     out = {"metrics": metrics_table[~metrics_table["set"].str.startswith("curve_")].reset_index(drop=True),
            "fpr": pd.concat(fprs, ignore_index=True), "scores": scores_table,
-           "intervals": intervals(scores_table, u.n_resamples),
+           "intervals": intervals(scores_table, u.n_resamples, execution=cfg.execution),
            "bank": pd.concat(banks, ignore_index=True) if banks else pd.DataFrame(),
            "covariance": pd.concat(covariances, ignore_index=True) if covariances else pd.DataFrame(),
            "curve": curve_table(metrics_table, run), "summary": summary(metrics_table),
