@@ -45,8 +45,17 @@ def _generate_job(root: Path, seed: int, category: str, size: int, n_train: int,
             mask.unlink()
 
 
+def draw_categories(run: Run, draw: int) -> tuple[str, ...]:
+    """The categories one data draw holds: the data's, and on the first draw also those only the unified study
+    pools (``unified_extra_categories``, e.g. the generated look-alikes of its close set)."""
+    data = run.config.data
+    extra = run.config.unified_extra_categories if int(draw) == int(data.draws[0]) else ()
+    return tuple(data.categories) + tuple(extra)
+
+
 def ensure_datasets(run: Run, progress: bool = True) -> list[Path]:
-    """Every data draw's clean dataset, generated or fetched where missing; returns their roots."""
+    """Every data draw's clean dataset, generated or fetched where missing; returns their roots. The first draw
+    also gets the categories only the unified study uses (:func:`draw_categories`)."""
     from helpers.parallel import run_jobs
 
     data = run.config.data
@@ -57,18 +66,19 @@ def ensure_datasets(run: Run, progress: bool = True) -> list[Path]:
         for draw, root in zip(data.draws, roots):
             _check_stamp(root, _stamp(run, draw))
             jobs += [(root, int(draw), c, s.size, s.n_train, s.n_test_good, s.n_per_defect, s.ground_truth)
-                     for c in data.categories if not (root / c / "train" / "good").is_dir()]
+                     for c in draw_categories(run, draw) if not (root / c / "train" / "good").is_dir()]
         run_jobs(_generate_job, jobs, run.config.execution, desc="generate data", progress=progress)
         for draw, root in zip(data.draws, roots):
             atomic_write(root / STAMP, lambda tmp, d=draw: tmp.write_text(json.dumps(_stamp(run, d), indent=1)))
     elif data.dataset == "mvtec":
         from data_prep import mvtec
 
-        mvtec.prepare(roots[0], categories=tuple(data.categories))
+        mvtec.prepare(roots[0], categories=draw_categories(run, data.draws[0]))
     else:
-        missing = sorted(set(data.categories) - set(list_categories(roots[0])))
+        missing = sorted(set(draw_categories(run, data.draws[0])) - set(list_categories(roots[0])))
         if missing:
-            raise DatasetError(f"{roots[0]} lacks the categories {missing} that data.categories names")
+            raise DatasetError(f"{roots[0]} lacks the categories {missing} that data.categories or unified.sets "
+                               f"name")
     return roots
 
 

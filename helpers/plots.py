@@ -528,3 +528,114 @@ def forest(table: pd.DataFrame, label: str, estimate: str, lo: str, hi: str, xla
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# --- the unified study ----------------------------------------------------------------------------------------
+
+def fpr_matrix_grid(fpr: pd.DataFrame, title: str = "") -> plt.Figure:
+    """One method's cross-class FPR matrices (mean over seeds): rows = set and model (per-category control,
+    pooled), columns = raw and per-category standardised scores; cell = FPR of the row category's normal test
+    images at the column category's normal-only threshold."""
+    sets = list(dict.fromkeys(fpr["set"]))
+    models = [m for m in ("per_category", "pooled") if m in set(fpr["model"])]
+    scales = [s for s in ("raw", "normalised") if s in set(fpr["scores"])]
+    n = fpr["normal_of"].nunique()
+    rows = [(s, m) for s in sets for m in models]
+    fig, axes = plt.subplots(len(rows), len(scales), figsize=(1.4 + 0.85 * n * len(scales), 0.8 + 0.6 * n * len(rows)),
+                             squeeze=False)
+    for i, (set_name, model) in enumerate(rows):
+        for j, scale in enumerate(scales):
+            sub = fpr[(fpr["set"] == set_name) & (fpr["model"] == model) & (fpr["scores"] == scale)]
+            order = list(dict.fromkeys(sub["normal_of"]))
+            table = sub.pivot_table(index="normal_of", columns="threshold_of", values="fpr").reindex(index=order,
+                                                                                                  columns=order)
+            sns.heatmap(table, annot=True, fmt=".2f", cmap="rocket_r", vmin=0, vmax=1, cbar=False, ax=axes[i, j])
+            axes[i, j].set_title(f"{set_name}, {model.replace('_', '-')} model, {scale} scores", fontsize=8)
+            axes[i, j].set_xlabel("threshold of category")
+            axes[i, j].set_ylabel("normal images of")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def control_panels(metrics: pd.DataFrame) -> plt.Figure:
+    """Per method (columns): image AUROC of the per-category (hatched) and pooled (plain) model on the test split
+    and every control (top), and the share of anomalous patches the pooled model explains away (bottom); bars
+    per set, means over categories and seeds, error bars one standard deviation over seeds."""
+    methods = list(dict.fromkeys(metrics["method"]))
+    data = list(dict.fromkeys(metrics["data"]))
+    sets = list(dict.fromkeys(metrics["set"]))
+    sub = metrics[metrics["category"] != "all"]
+    fig, axes = plt.subplots(2, len(methods), figsize=(1.5 + 1.2 * len(data) * len(methods), 5.6), squeeze=False,
+                             sharey="row")
+    bars = [(s, setting) for s in sets for setting in ("per_category", "model_unified")]
+    width = 0.8 / len(bars)
+    for j, method in enumerate(methods):
+        for k, (set_name, setting) in enumerate(bars):
+            part = sub[(sub["method"] == method) & (sub["set"] == set_name) & (sub["setting"] == setting)]
+            by_seed = part.groupby(["data", "seed"])
+            for i, metric in enumerate(("image_auroc", "explained_away")):
+                if metric == "explained_away" and setting == "per_category":
+                    continue
+                values = by_seed[metric].mean().groupby("data")
+                x = np.arange(len(data)) + (k - (len(bars) - 1) / 2) * width
+                axes[i, j].bar(x, values.mean().reindex(data).to_numpy(), width,
+                               yerr=values.std(ddof=1).reindex(data).fillna(0).to_numpy(), capsize=2,
+                               color=f"C{sets.index(set_name)}", hatch="//" if setting == "per_category" else "",
+                               edgecolor="black", label=f"{set_name}, {setting.replace('_', '-')}")
+        axes[0, j].set_title(method)
+        for i in range(2):
+            axes[i, j].set_xticks(range(len(data)), [d.replace("_", " ") for d in data], rotation=20, fontsize=8)
+    axes[0, 0].set_ylabel("image AUROC")
+    axes[1, 0].set_ylabel("anomalous patches explained away")
+    axes[0, -1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def bank_shares(bank: pd.DataFrame) -> plt.Figure:
+    """Each category's share of a pooled memory bank (bars, mean over seeds) against its share of the training
+    patches (black ticks), one panel per set."""
+    sets = list(dict.fromkeys(bank["set"]))
+    fig, axes = plt.subplots(1, len(sets), figsize=(1.5 + 2.2 * len(sets), 3.0), squeeze=False, sharey=True)
+    for ax, set_name in zip(axes.flat, sets):
+        sub = bank[bank["set"] == set_name]
+        cats = list(dict.fromkeys(sub["category"]))
+        grouped = sub.groupby("category")
+        ax.bar(range(len(cats)), grouped["bank_share"].mean().reindex(cats).to_numpy(), 0.6,
+               yerr=grouped["bank_share"].std(ddof=1).reindex(cats).fillna(0).to_numpy(), capsize=3,
+               color="C0", edgecolor="black", label="share of the bank")
+        ax.hlines(grouped["train_share"].mean().reindex(cats).to_numpy(), np.arange(len(cats)) - 0.35,
+                  np.arange(len(cats)) + 0.35, colors="black", linewidth=2, label="share of training patches")
+        ax.set_xticks(range(len(cats)), cats, rotation=20)
+        ax.set_title(set_name)
+    axes.flat[0].set_ylabel("share")
+    axes.flat[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def pooled_count_curve(curve: pd.DataFrame) -> plt.Figure:
+    """Change of image AUROC from the per-category to the pooled model (top) and the share of anomalous patches
+    the pooled model explains away (bottom) against the number of pooled categories, one line per method,
+    one panel per data; means over the pooled categories, error bars one standard deviation over them."""
+    data = list(dict.fromkeys(curve["data"]))
+    fig, axes = plt.subplots(2, len(data), figsize=(1.5 + 2.6 * len(data), 5.6), squeeze=False, sharex=True,
+                             sharey="row")
+    for j, name in enumerate(data):
+        for method, sub in curve[curve["data"] == name].groupby("method", sort=False):
+            style = method_style(method)
+            for i, metric in enumerate(("auroc_change", "explained_away")):
+                grouped = sub.groupby("n_categories")[metric]
+                axes[i, j].errorbar(grouped.mean().index, grouped.mean().to_numpy(),
+                                    yerr=grouped.std(ddof=1).fillna(0).to_numpy(), capsize=3, **style)
+        axes[0, j].set_title(name.replace("_", " "))
+        axes[0, j].axhline(0, color="grey", linewidth=0.8)
+        axes[1, j].set_xlabel("pooled categories")
+    axes[0, 0].set_ylabel("AUROC, pooled - per-category")
+    axes[1, 0].set_ylabel("patches explained away")
+    axes[0, -1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.tight_layout()
+    fig.align_ylabels(axes[:, 0])
+    return fig
