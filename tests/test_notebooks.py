@@ -113,11 +113,14 @@ def test_runner_executes_every_notebook_on_the_smoke_profile(tmp_path, monkeypat
     assert linked, "REPORT.md shows no figure"
     for name in linked:  # every figure the report shows exists and is not empty
         assert (figures / name).stat().st_size > 0, name
-    for name in ("baseline", "shift_drop", "sweep", "threshold_regimes", "unified"):
+    for name in ("baseline", "shift_drop", "sweep", "threshold_recovery_pooled", "unified_intervals"):
         for suffix in (".csv", ".md", ".tex"):
             assert (figures / "tables" / f"{name}{suffix}").stat().st_size > 0, f"{name}{suffix}"
     assert "\\toprule" in (figures / "tables" / "baseline.tex").read_text(), "LaTeX tables use booktabs"
     assert "nan" not in report_text.lower().replace("nanoseconds", ""), "the report quotes a missing number"
+    from helpers import report as report_module
+
+    assert report_module.untraceable_numbers(report_text, figures / "tables") == []
     # The run is published: the profile's figures folder mirrors the run's, run times included.
     published = tmp_path / "published"
     assert (published / "REPORT.md").read_text() == report_text and (published / study.RUN_TIMES).is_file()
