@@ -41,7 +41,8 @@ def method_style(method: str) -> dict:
 
 
 def save_figure(fig: plt.Figure, name: str, figures_dir: str | Path, caption: str) -> Path:
-    """Write ``<name>.png`` and ``<name>.pdf`` and record the caption in ``captions.json`` beside them."""
+    """Write ``<name>.png`` and ``<name>.pdf``, record the caption in ``captions.json`` beside them and, in a
+    notebook, show the saved PNG as the cell's output."""
     folder = Path(figures_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "pdf"):
@@ -55,7 +56,26 @@ def save_figure(fig: plt.Figure, name: str, figures_dir: str | Path, caption: st
     tmp = folder / f".{CAPTIONS}.tmp"
     tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
     tmp.replace(index_path)
-    return folder / f"{name}.png"
+    png = folder / f"{name}.png"
+    _show_in_notebook(png, caption)
+    return png
+
+
+def _show_in_notebook(png: Path, caption: str) -> None:
+    """Display the saved file's own bytes (the figure is closed, so nothing else shows it), with output metadata
+    naming the file: the rendered pages (helpers.render_notebooks) link the file instead of embedding it."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None or getattr(shell, "kernel", None) is None:  # a script or a terminal: nothing to show in
+        return
+    from IPython.display import Image, display
+
+    from helpers.render_notebooks import FIGURE_KEY
+
+    display(Image(data=png.read_bytes(), format="png"), metadata={FIGURE_KEY: {"file": png.name, "caption": caption}})
 
 
 def outline(ax: plt.Axes, mask: np.ndarray, color: str = "red") -> None:
