@@ -40,14 +40,15 @@ def method_style(method: str) -> dict:
     return {"color": spec.colour, "marker": spec.marker, "linestyle": spec.linestyle, "label": spec.label}
 
 
-def save_figure(fig: plt.Figure, name: str, figures_dir: str | Path, caption: str) -> Path:
+def save_figure(fig: plt.Figure, name: str, figures_dir: str | Path, caption: str, dpi: int | None = None) -> Path:
     """Write ``<name>.png`` and ``<name>.pdf``, record the caption in ``captions.json`` beside them and, in a
-    notebook, show the saved PNG as the cell's output."""
+    notebook, show the saved PNG as the cell's output. ``dpi`` lowers the PNG's resolution for image-heavy
+    figures (the PDF keeps vector parts sharp at any size)."""
     folder = Path(figures_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "pdf"):
         tmp = folder / f".{name}.tmp.{ext}"
-        fig.savefig(tmp, format=ext, metadata=_METADATA[ext])
+        fig.savefig(tmp, format=ext, metadata=_METADATA[ext], **({"dpi": dpi} if dpi else {}))
         tmp.replace(folder / f"{name}.{ext}")
     plt.close(fig)
     index_path = folder / CAPTIONS
