@@ -533,6 +533,8 @@ def build(run, results: dict[str, pd.DataFrame], n_resamples: int = 1000) -> lis
     scores, shift_results = results["scores"], results["shift_drop"]
     out = [Table("configuration", pd.DataFrame(flatten_config(config_module.to_dict(cfg)), columns=["key", "value"]),
                  f"The resolved configuration of run {run.name} (defaults in helpers/config.py).")]
+    out.append(Table("statistics", pd.DataFrame({"interval_level": [0.95], "bootstrap_resamples": [n_resamples]}),
+                     "Every interval: a percentile bootstrap over test images at this level and resample count."))
     counts = results.get("data_counts", pd.DataFrame())
     if len(counts):
         out.append(Table("data", data_table(counts), "Images per category and split (first data draw); anomalous in "
