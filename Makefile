@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup study test lint lab bench clean-runs
+.PHONY: setup study test lint lab bench notebooks-html clean-runs
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ lint: setup
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
+
+# The executed notebooks of the profile's run as HTML pages in its figures folder (notebooks/NN_name.html, published
+# to figures/notebooks/ by the runner), then checked: every local link resolves, and in headless Chromium, where
+# installed, every image loads.
+notebooks-html: setup
+	$(PY) -m helpers.render_notebooks --profile $(PROFILE)
 
 bench: setup
 	$(PY) -m helpers.bench patchcore --root data/synthetic --category hazelnut --n-train 100

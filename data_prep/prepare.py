@@ -15,6 +15,8 @@ def _stamp(run: Run, draw: int) -> dict:
     s = run.config.data.synthetic
     stamp = {"seed": int(draw), "size": s.size, "n_train": s.n_train, "n_test_good": s.n_test_good,
              "n_per_defect": s.n_per_defect}
+    if not s.ground_truth:
+        stamp["ground_truth"] = False
     if s.per_category:  # only when set, so folders generated before the key existed stay valid
         stamp["per_category"] = {c: {"n_train": shape.n_train, "test": dict(shape.test), "greyscale": shape.greyscale}
                                  for c, shape in sorted(s.per_category.items())}
@@ -31,30 +33,48 @@ def _check_stamp(root: Path, wanted: dict) -> None:
 
 
 def _generate_job(root: Path, seed: int, category: str, size: int, n_train: int, n_test_good: int,
-                  n_per_defect: int, test: dict[str, int] | None = None, greyscale: bool = False) -> None:
+                  n_per_defect: int, ground_truth: bool = True, test: dict[str, int] | None = None,
+                  greyscale: bool = False) -> None:
+    import shutil
+
     from data_prep import synthetic
 
     synthetic.generate(root, seed=seed, size=size, categories=(category,), n_train=n_train,
                        n_test_good=n_test_good, n_per_defect=n_per_defect, test=test, greyscale=greyscale)
+    if not ground_truth:
+        # An image-level-only dataset, as many inspection datasets are: the defect folders keep their labels, no
+        # pixel mask exists anywhere (the generator's canvas masks included).
+        shutil.rmtree(root / category / "ground_truth")
+        for mask in (root / category).rglob("*_mask.png"):
+            mask.unlink()
 
 
 def generate_jobs(run: Run, draw: int, root: Path) -> list[tuple]:
-    """The arguments of one generation job per category of a draw: the uniform sizes of ``data.synthetic``, or a
-    category's own shape from ``data.synthetic.per_category``."""
+    """The arguments of one generation job per category of a draw (:func:`draw_categories`): the uniform sizes of
+    ``data.synthetic``, or a category's own shape from ``data.synthetic.per_category``."""
     s = run.config.data.synthetic
     jobs = []
-    for c in run.config.data.categories:
+    for c in draw_categories(run, draw):
         shape = s.per_category.get(c)
         if shape is None:
-            jobs.append((root, int(draw), c, s.size, s.n_train, s.n_test_good, s.n_per_defect))
+            jobs.append((root, int(draw), c, s.size, s.n_train, s.n_test_good, s.n_per_defect, s.ground_truth))
         else:
-            jobs.append((root, int(draw), c, s.size, shape.n_train, s.n_test_good, s.n_per_defect, dict(shape.test),
-                         shape.greyscale))
+            jobs.append((root, int(draw), c, s.size, shape.n_train, s.n_test_good, s.n_per_defect, s.ground_truth,
+                         dict(shape.test), shape.greyscale))
     return jobs
 
 
+def draw_categories(run: Run, draw: int) -> tuple[str, ...]:
+    """The categories one data draw holds: the data's, and on the first draw also those only the unified study
+    pools (``unified_extra_categories``, e.g. the generated look-alikes of its close set)."""
+    data = run.config.data
+    extra = run.config.unified_extra_categories if int(draw) == int(data.draws[0]) else ()
+    return tuple(data.categories) + tuple(extra)
+
+
 def ensure_datasets(run: Run, progress: bool = True) -> list[Path]:
-    """Every data draw's clean dataset, generated or fetched where missing; returns their roots."""
+    """Every data draw's clean dataset, generated or fetched where missing; returns their roots. The first draw
+    also gets the categories only the unified study uses (:func:`draw_categories`)."""
     from helpers.parallel import run_jobs
 
     data = run.config.data
@@ -70,11 +90,12 @@ def ensure_datasets(run: Run, progress: bool = True) -> list[Path]:
     elif data.dataset == "mvtec":
         from data_prep import mvtec
 
-        mvtec.prepare(roots[0], categories=tuple(data.categories))
+        mvtec.prepare(roots[0], categories=draw_categories(run, data.draws[0]))
     else:
-        missing = sorted(set(data.categories) - set(list_categories(roots[0])))
+        missing = sorted(set(draw_categories(run, data.draws[0])) - set(list_categories(roots[0])))
         if missing:
-            raise DatasetError(f"{roots[0]} lacks the categories {missing} that data.categories names")
+            raise DatasetError(f"{roots[0]} lacks the categories {missing} that data.categories or unified.sets "
+                               f"name")
     return roots
 
 

@@ -1,6 +1,6 @@
 """Generate the embedded synthetic dataset: three MVTec-AD-like categories (carpet, hazelnut, zipper) with
 pixel-exact defect masks, built offline and byte-for-byte reproducibly from a seed, so the study runs end to
-end without downloading MVTec AD.
+end without downloading MVTec AD; and two look-alikes of them (rug, walnut) for the unified study's close set.
 
 Usage: ``python -m data_prep.synthetic --root data/synthetic --seed 0`` or :func:`generate` from a notebook.
 """
@@ -31,6 +31,19 @@ DEFECTS = {
     "hazelnut": ("crack", "hole", "print"),
     "zipper": ("broken_teeth", "fabric_interior", "squeezed_teeth"),
 }
+# Look-alikes of main categories, made for the unified study's close set only (first data draw; the drop study
+# never sees them): each shares its twin's defect types and much of its look, in another colour and weave or
+# as another species. Look-alike -> the main category it resembles.
+CLOSE_CATEGORIES = {"rug": "carpet", "walnut": "hazelnut"}
+CLOSE_DEFECTS = {name: DEFECTS[twin] for name, twin in CLOSE_CATEGORIES.items()}
+ALL_CATEGORIES = CATEGORIES + tuple(CLOSE_CATEGORIES)
+
+
+def defects_of(category: str) -> tuple[str, ...]:
+    """The defect types of a main or look-alike category."""
+    return {**DEFECTS, **CLOSE_DEFECTS}[category]
+
+
 # MVTec AD's defect types that have no renderer of their own here, each drawn by the nearest renderer of its
 # category (from its own random stream, so its images differ from those of the type that draws it): a cut in a
 # hazelnut's shell is a thin dark line like a crack; a cut in a carpet opens the backing like a hole; metal
@@ -678,16 +691,104 @@ def _zipper_fabric_interior(rng: np.random.Generator, scene: ZipperScene, size: 
     return defective, alpha > 0.02
 
 
+
+# ----------------------------------------------------------------------------------------------------------
+# rug (look-alike of carpet): a twill weave of flat yarn in a greyer colour, with carpet's fibres and light
+# ----------------------------------------------------------------------------------------------------------
+
+RUG_RGB = np.array([0.52, 0.47, 0.43], dtype=np.float32)
+
+
+def _rug_scene(rng: np.random.Generator, size: int) -> CarpetScene:
+    unit = size / REFERENCE_SIZE
+    y, x = _pixel_grid(size)
+    period = 8.0 * unit * rng.uniform(0.95, 1.05)
+    c, s = _cos_sin(rng.normal(0, np.deg2rad(2.0)))
+    u = (x * c + y * s) / period + rng.uniform(0, 1)
+    v = (-x * s + y * c) / period + rng.uniform(0, 1)
+    col, row = np.floor(u), np.floor(v)
+    fu, fv = u - col - 0.5, v - row - 0.5
+    # A 2/1 twill: the warp floats over two wefts and under one, one step further along on every row, which
+    # draws the diagonal ribs of the weave; a float is rounded across its yarn and darker where it dives.
+    warp_up = ((col + row) % 3) != 0
+    warp = np.cos(np.pi * fu) ** 2 * (0.85 + 0.15 * np.cos(np.pi * fv))
+    weft = np.cos(np.pi * fv) ** 2 * (0.85 + 0.15 * np.cos(np.pi * fu))
+    table = rng.standard_normal((64, 64)).astype(np.float32)
+    unevenness = table[row.astype(np.int64) % 64, col.astype(np.int64) % 64]
+    yarn = np.where(warp_up, warp, 0.8 * weft) * (1 + 0.12 * unevenness)
+    fibres = _texture_patch(rng, "grass", size, zoom=rng.uniform(0.5, 0.7) / unit)
+    grain = _smooth_noise(rng, size, 0.6 * unit)
+    mottling = _smooth_noise(rng, size, 20 * unit)
+    luminance = 0.58 * yarn + 0.10 * fibres + 0.05 * grain + 0.04 * mottling
+    colour = RUG_RGB * (1 + rng.normal(0, 0.025, 3)).astype(np.float32)
+    light = _lighting(rng, size, (0.85, 1.15), 0.15)
+    image = colour * ((0.6 + 0.75 * luminance) * light)[..., None]
+    return CarpetScene(image=image.astype(np.float32), unit=unit, colour=colour)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# walnut (look-alike of hazelnut): a rounder, paler nut with a wrinkled shell and a seam, on the same dark ground
+# ----------------------------------------------------------------------------------------------------------
+
+WALNUT_RGB = np.array([0.62, 0.45, 0.28], dtype=np.float32)
+
+
+def _walnut_scene(rng: np.random.Generator, size: int) -> HazelnutScene:
+    unit = size / REFERENCE_SIZE
+    y, x = _pixel_grid(size)
+    centre = size / 2 + np.clip(rng.normal(0, 0.04 * size, 2), -0.08 * size, 0.08 * size)
+    angle = rng.uniform(0, 2 * np.pi)
+    long_axis = 0.30 * size * rng.uniform(0.92, 1.04)
+    short_axis = long_axis * rng.uniform(0.86, 0.95)
+    c, s = _cos_sin(angle)
+    dy, dx = y - float(centre[0]), x - float(centre[1])
+    along = (dx * c + dy * s) / long_axis
+    across = (-dx * s + dy * c) / short_axis
+    radius2 = along ** 2 + across ** 2
+    coverage = _soft((1 - np.sqrt(radius2)) * short_axis, 1.2 * unit)
+    nz = np.sqrt(np.clip(1 - radius2, 0, 1))
+    nx = along * c - across * s
+    ny = along * s + across * c
+    norm = np.sqrt(nx ** 2 + ny ** 2 + nz ** 2) + 1e-6
+    light = np.array([-0.45, -0.5, 0.75]) + rng.normal(0, 0.12, 3)
+    light = (light / np.linalg.norm(light)).tolist()
+    diffuse = np.clip((nx * light[0] + ny * light[1] + nz * light[2]) / norm, 0, 1)
+    # Wrinkles: the ridges of a smooth random field (where it crosses zero) are the shell's raised folds.
+    field = _smooth_noise(rng, size, 3.5 * unit)
+    ridges = np.exp(-(field / 0.35) ** 2)
+    grain = _smooth_noise(rng, size, 1.0 * unit)
+    # The seam where the two halves of the shell meet runs along the long axis.
+    seam = np.exp(-(across / 0.05) ** 2) * (np.abs(along) < 0.97)
+    colour = WALNUT_RGB * (1 + rng.normal(0, 0.05, 3)).astype(np.float32)
+    albedo = 1 + 0.22 * ridges - 0.10 * (1 - ridges) + 0.05 * grain - 0.25 * seam
+    nut = colour * ((0.25 + 0.85 * diffuse) * albedo)[..., None]
+    background = (0.06 + 0.012 * _smooth_noise(rng, size, 3 * unit) + 0.01 * _smooth_noise(rng, size, 30 * unit))
+    background = np.repeat(background[..., None], 3, axis=2) * np.array([0.95, 0.97, 1.05], dtype=np.float32)
+    shadow_centre = centre - 0.05 * size * np.array([light[1], light[0]]) / max(np.hypot(light[0], light[1]), 1e-3)
+    sdy, sdx = y - float(shadow_centre[0]), x - float(shadow_centre[1])
+    shadow_r = np.hypot((sdx * c + sdy * s) / long_axis, (-sdx * s + sdy * c) / short_axis)
+    shadow = _soft((1.05 - shadow_r) * short_axis, 14 * unit) * 0.6
+    background = background * (1 - shadow[..., None])
+    image = background * (1 - coverage[..., None]) + nut * coverage[..., None]
+    image = image * _lighting(rng, size, (0.88, 1.12), 0.08)[..., None]
+    return HazelnutScene(image=image.astype(np.float32), unit=unit, coverage=coverage, centre=centre,
+                         semi_axes=(long_axis, short_axis), angle=angle)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Rendering one sample and writing the dataset
 # ----------------------------------------------------------------------------------------------------------
 
-SCENES: dict[str, Callable] = {"carpet": _carpet_scene, "hazelnut": _hazelnut_scene, "zipper": _zipper_scene}
+SCENES: dict[str, Callable] = {"carpet": _carpet_scene, "hazelnut": _hazelnut_scene, "zipper": _zipper_scene,
+                                "rug": _rug_scene, "walnut": _walnut_scene}
 DEFECT_RENDERERS: dict[str, dict[str, Callable]] = {
     "carpet": {"color": _carpet_color, "hole": _carpet_hole, "thread": _carpet_thread},
     "hazelnut": {"crack": _hazelnut_crack, "hole": _hazelnut_hole, "print": _hazelnut_print},
     "zipper": {"broken_teeth": _zipper_broken_teeth, "fabric_interior": _zipper_fabric_interior,
                "squeezed_teeth": _zipper_squeezed_teeth},
+    # The look-alikes' scenes carry their twins' scene fields, so their twins' defects render on them.
+    "rug": {"color": _carpet_color, "hole": _carpet_hole, "thread": _carpet_thread},
+    "walnut": {"crack": _hazelnut_crack, "hole": _hazelnut_hole, "print": _hazelnut_print},
 }
 
 
@@ -724,7 +825,7 @@ def render_sample(category: str, defect_type: str = "good", index: int = 0, seed
     A defect may reach into the margin where it lies at the edge of the frame, but always shows in the frame.
     """
     if category not in SCENES:
-        raise ValueError(f"unknown category {category!r}; known: {', '.join(CATEGORIES)}")
+        raise ValueError(f"unknown category {category!r}; known: {', '.join(ALL_CATEGORIES)}")
     if defect_type != "good" and defect_type not in defect_types(category):
         raise ValueError(f"category {category!r} has no defect {defect_type!r}; "
                          f"known: {', '.join(defect_types(category))}")
@@ -768,7 +869,7 @@ def _write_category(folder: Path, category: str, seed: int, size: int, n_train: 
     type, ``good`` included) replaces ``n_test_good`` and ``n_per_defect``; ``greyscale`` saves single-channel
     images."""
     plan = [("train", "good", n_train), ("test", "good", n_test_good)]
-    plan += [("test", defect, n_per_defect) for defect in DEFECTS[category]]
+    plan += [("test", defect, n_per_defect) for defect in defects_of(category)]
     if test is not None:
         plan = [("train", "good", n_train)] + [("test", name, count) for name, count in test.items()]
     channels = _greyscale if greyscale else (lambda image: image)
@@ -871,7 +972,7 @@ def generate(root: str | Path, seed: int = 0, size: int = 256, categories: Seque
     categories = tuple(categories)
     unknown = [c for c in categories if c not in SCENES]
     if unknown or not categories:
-        raise ValueError(f"categories must be a non-empty selection of {', '.join(CATEGORIES)}; "
+        raise ValueError(f"categories must be a non-empty selection of {', '.join(ALL_CATEGORIES)}; "
                          f"got {list(categories)}")
     if len(set(categories)) != len(categories):
         raise ValueError(f"categories listed twice: {list(categories)}")
@@ -940,7 +1041,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="dataset folder; each category goes in root/<category>")
     parser.add_argument("--seed", type=int, default=0, help="same seed gives byte-identical files (default 0)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES)
+    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=ALL_CATEGORIES)
     parser.add_argument("--n-train", type=int, default=200, help="good training images per category")
     parser.add_argument("--n-test-good", type=int, default=40, help="good test images per category")
     parser.add_argument("--n-per-defect", type=int, default=20, help="test images per defect type")

@@ -54,6 +54,7 @@ class SyntheticData:
     n_train: int = 200  # normal images in train/good (data.calib_size of them are held out for calibration)
     n_test_good: int = 60
     n_per_defect: int = 15  # test images per defect type (three types per category)
+    ground_truth: bool = True  # False: no pixel masks (image-level labels only, as many inspection datasets)
     # Categories of another shape (the mvtec-rehearsal profile: MVTec AD's own counts); the others keep the
     # uniform shape above.
     per_category: dict[str, SyntheticCategory] = field(default_factory=dict, metadata=HASHED_WHEN_SET)
@@ -144,9 +145,31 @@ class ThresholdConfig:
 
 @dataclass(frozen=True)
 class UnifiedConfig:
-    """The unified setting: one model on the pooled normals of ``categories`` (default: all of the data's)."""
+    """The unified setting: per named set of categories, one model on their pooled normals against one model per
+    category, on the first data draw, with a positive control of cross-category anomalies.
 
-    categories: tuple[str, ...] | None = None
+    ``sets`` None: ``far``, the data's categories (when there are two or more), and on generated data also
+    ``close``, each data category that has a generated look-alike beside it (``CLOSE_CATEGORIES`` of
+    ``data_prep.synthetic``); no set at all leaves the unified study nothing to do. Categories a set names
+    beyond ``data.categories`` are generated or prepared for the first data draw only. ``curve`` None: every
+    set's categories, the largest set first; pooled 2, 3, ... of them at a time, with the first model seed only.
+    """
+
+    sets: dict[str, tuple[str, ...]] | None = None
+    curve: tuple[str, ...] | None = None  # () leaves the curve over the number of pooled categories out
+    # Training normals per category, the same for pooled and per-category models so they compare: a pooled
+    # PatchCore's coreset search grows with (patches x centres), i.e. with the square of the pooled images.
+    n_train: int | None = 60
+    control_per_pair: int = 4  # positive-control images per ordered category pair and square size
+    # Sides of the pasted squares, as shares of the image side; each is its own control. A small square's
+    # cells see its border through the backbone's receptive field, so the whole image (1) is the control where
+    # the shortcut must show if it can.
+    control_patches: tuple[float, ...] = (0.3, 0.6, 1.0)
+    control_root: str | None = None  # None: beside the data, <parent of data.root>/cross_category
+    threshold: Literal["normal_percentile", "mean_3sigma"] = "normal_percentile"  # fitted on calib normals
+    normal_quantile: float = 99.0  # percentile of normal calibration scores (images and patches)
+    patch_area: float = 0.5  # a feature-grid patch is anomalous when this share of its cell is ground truth
+    n_resamples: int = 1000  # paired bootstrap of per-category against pooled AUROC
 
 
 @dataclass(frozen=True)
@@ -189,8 +212,39 @@ class StudyConfig:
         return tuple(self.methods)
 
     @property
+    def unified_sets(self) -> dict[str, tuple[str, ...]]:
+        """The named category sets the unified study pools (see :class:`UnifiedConfig`)."""
+        if self.unified.sets is not None:
+            return dict(self.unified.sets)
+        sets = {"far": tuple(self.data.categories)} if len(self.data.categories) > 1 else {}
+        if self.data.dataset == "synthetic":
+            from data_prep.synthetic import CLOSE_CATEGORIES
+
+            twins = {twin: name for name, twin in CLOSE_CATEGORIES.items()}
+            close = tuple(c for category in self.data.categories if category in twins
+                          for c in (category, twins[category]))
+            if close:
+                sets["close"] = close
+        return sets
+
+    @property
+    def unified_curve(self) -> tuple[str, ...]:
+        """Categories in the order the curve over the number of pooled categories adds them."""
+        if self.unified.curve is not None:
+            return tuple(self.unified.curve)
+        ordered = sorted(self.unified_sets.values(), key=len, reverse=True)
+        return tuple(dict.fromkeys(c for categories in ordered for c in categories))
+
+    @property
     def unified_categories(self) -> tuple[str, ...]:
-        return self.unified.categories or self.data.categories
+        """Every category the unified study uses, data categories first."""
+        named = [c for categories in self.unified_sets.values() for c in categories] + list(self.unified_curve)
+        return tuple(dict.fromkeys([c for c in self.data.categories if c in named] + named))
+
+    @property
+    def unified_extra_categories(self) -> tuple[str, ...]:
+        """Categories only the unified study uses: generated or prepared for the first data draw alone."""
+        return tuple(c for c in self.unified_categories if c not in self.data.categories)
 
 
 DEFAULT_METHODS = ("patchcore", "padim")
@@ -433,9 +487,7 @@ def check(config: StudyConfig, source: str) -> None:
     unknown = set(config.efficiency.categories or ()) - set(data.categories)
     if unknown:
         bad("efficiency.categories", f"must be a subset of data.categories, got {sorted(unknown)}")
-    unknown = set(config.unified.categories or ()) - set(data.categories)
-    if unknown:
-        bad("unified.categories", f"must be a subset of data.categories, got {sorted(unknown)}")
+    _check_unified(config, bad)
     for name, grid in config.sweep.grids.items():
         if name not in config.methods:
             bad(f"sweep.grids.{name}", f"names no method of this study ({', '.join(config.methods)})")
@@ -497,6 +549,45 @@ def _check_thresholds(config: StudyConfig, bad) -> None:
             bad(f"thresholds.{key}", f"must be at least 2 x thresholds.folds ({2 * th.folds}), got {list(chosen)}")
     if not 0 <= th.refit_seeds <= len(config.model.seeds):
         bad("thresholds.refit_seeds", f"must lie in 0..{len(config.model.seeds)} (model.seeds), got {th.refit_seeds}")
+
+
+def _check_unified(config: StudyConfig, bad) -> None:
+    unified = config.unified
+    for name, categories in config.unified_sets.items():
+        if not name or name.startswith("curve_"):
+            bad("unified.sets", f"names a set {name!r}: a name must be non-empty and not start with 'curve_' "
+                                f"(the curve's steps are named so)")
+        if len(categories) < 2:
+            bad(f"unified.sets.{name}", f"must pool at least two categories, got {list(categories)}")
+        if len(set(categories)) != len(categories):
+            bad(f"unified.sets.{name}", f"lists a category twice: {list(categories)}")
+    curve = config.unified_curve
+    if len(curve) == 1 or len(set(curve)) != len(curve):
+        bad("unified.curve", f"must list two or more distinct categories, or none, got {list(curve)}")
+    if config.data.dataset == "synthetic":
+        from data_prep.synthetic import ALL_CATEGORIES
+
+        unknown = sorted(set(config.unified_categories) - set(ALL_CATEGORIES))
+        if unknown:
+            bad("unified.sets", f"names categories the generator cannot make: {unknown} "
+                                f"(it makes {', '.join(ALL_CATEGORIES)})")
+    if config.data.calib_size is not None and config.data.calib_size < 2:
+        bad("data.calib_size", f"must be at least 2: the unified study fits its thresholds and score statistics on "
+                               f"calibration normals, got {config.data.calib_size}")
+    if unified.n_train is not None and unified.n_train < 2:
+        bad("unified.n_train", f"must be at least 2 (or null: every training normal), got {unified.n_train}")
+    if unified.control_per_pair < 1:
+        bad("unified.control_per_pair", f"must be at least 1, got {unified.control_per_pair}")
+    if not unified.control_patches or not all(0 < p <= 1 for p in unified.control_patches):
+        bad("unified.control_patches", f"must list shares in (0, 1], got {list(unified.control_patches)}")
+    if len(set(unified.control_patches)) != len(unified.control_patches):
+        bad("unified.control_patches", f"lists a size twice: {list(unified.control_patches)}")
+    if not 0 < unified.normal_quantile < 100:
+        bad("unified.normal_quantile", f"must lie in (0, 100), got {unified.normal_quantile}")
+    if not 0 < unified.patch_area <= 1:
+        bad("unified.patch_area", f"must lie in (0, 1], got {unified.patch_area}")
+    if unified.n_resamples < 100:
+        bad("unified.n_resamples", f"must be at least 100, got {unified.n_resamples}")
 
 
 # --- identity -----------------------------------------------------------------------------------------------

@@ -424,10 +424,11 @@ def rq2(tables: dict[str, pd.DataFrame], methods: list[str], labels: dict[str, s
              "categories and model seeds (`shift_drop`; per category in `shift_drop_by_category`; the mean per kind "
              "of shift in `drop_by_kind`).", "",
              *[f"![{labels[m]}: drop under shift](drop_heatmap_{m}.png)" for m in methods], "",
-             bullet_lines(drop_findings(tables, methods, labels)), "",
-             "**The control.** Against the old rotation (`rotation_fill`), the frame alone (`border_fill`) and the "
-             "pose alone on the canvas (`rotation`), per severity (`geometric_control`):", "",
-             "![Geometric control](geometric_control.png)", ""]
+             bullet_lines(drop_findings(tables, methods, labels))]
+    if len(tables.get("geometric_control", pd.DataFrame())):
+        parts += ["**The control.** Against the old rotation (`rotation_fill`), the frame alone (`border_fill`) and "
+                  "the pose alone on the canvas (`rotation`), per severity (`geometric_control`):",
+                  "![Geometric control](geometric_control.png)"]
     haz = tables.get("hazelnut_rotation", pd.DataFrame())
     lines = []
     for r in haz[haz["mode"] == "domain"].itertuples() if len(haz) else ():
@@ -522,7 +523,8 @@ def load(run) -> dict[str, pd.DataFrame]:
     return {name: load_results(run, name) for name in names}
 
 
-UNIFIED_TABLES: tuple[str, ...] = ()
+UNIFIED_TABLES = ("unified_summary", "unified_intervals", "unified_provenance", "unified_bank", "unified_curve",
+                  "unified_fpr_matrix", "unified_covariance")
 
 
 def build(run, results: dict[str, pd.DataFrame], n_resamples: int = 1000) -> list[Table]:
@@ -534,6 +536,8 @@ def build(run, results: dict[str, pd.DataFrame], n_resamples: int = 1000) -> lis
     scores, shift_results = results["scores"], results["shift_drop"]
     out = [Table("configuration", pd.DataFrame(flatten_config(config_module.to_dict(cfg)), columns=["key", "value"]),
                  f"The resolved configuration of run {run.name} (defaults in helpers/config.py).")]
+    out.append(Table("statistics", pd.DataFrame({"interval_level": [0.95], "bootstrap_resamples": [n_resamples]}),
+                     "Every interval: a percentile bootstrap over test images at this level and resample count."))
     counts = results.get("data_counts", pd.DataFrame())
     if len(counts):
         out.append(Table("data", data_table(counts), "Images per category and split (first data draw); anomalous in "
@@ -578,9 +582,7 @@ def build(run, results: dict[str, pd.DataFrame], n_resamples: int = 1000) -> lis
     for name in adaptation.REPORT_TABLES:
         if len(results.get(name, pd.DataFrame())):
             out.append(Table(name, results[name], name.replace("_", " ") + " (notebook 04)."))
-    for name in UNIFIED_TABLES:
-        if len(results.get(name, pd.DataFrame())):
-            out.append(Table(name, results[name], name.replace("_", " ") + " (notebook 05)."))
+    out += unified_tables(results)
     return [t for t in out if len(t.frame)]
 
 
@@ -626,9 +628,102 @@ def render(run, tables: dict[str, pd.DataFrame], results: dict[str, pd.DataFrame
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
+def unified_tables(results: dict[str, pd.DataFrame]) -> list[Table]:
+    """The unified study's report tables (notebook 05 wrote the per-seed results)."""
+    out = []
+    intervals = results.get("unified_intervals", pd.DataFrame())
+    if len(intervals):
+        out.append(Table("unified_intervals", intervals,
+                         "Unified setting: paired AUROC differences on the same images with 95 % bootstrap intervals "
+                         "(per-category minus pooled model; normalised minus raw global threshold), per method, set of "
+                         "pooled categories and data (the test split, or the positive control at a patch side)."))
+    prov = results.get("unified_provenance", pd.DataFrame())
+    if len(prov):
+        out.append(Table("unified_provenance", prov,
+                         "Pooled PatchCore: share of test patches whose nearest bank entry comes from another category, "
+                         "and the share of anomalous patches (and images) explained away, mean over model seeds."))
+    fpr = results.get("unified_fpr_matrix", pd.DataFrame())
+    if len(fpr):
+        off = fpr[fpr["normal_of"] != fpr["threshold_of"]]
+        on = fpr[fpr["normal_of"] == fpr["threshold_of"]]
+        keys = ["method", "set", "model", "scores"]
+        summary = off.groupby(keys + ["seed"])["fpr"].max().groupby(keys).mean().rename("max_off_diagonal_fpr")
+        summary = pd.concat([summary, on.groupby(keys)["fpr"].mean().rename("mean_diagonal_fpr")], axis=1)
+        out.append(Table("unified_fpr_summary", summary.reset_index(),
+                         "False-positive rate of normal test images judged with another category's normal-only threshold "
+                         "(largest off-diagonal entry, mean over seeds) and with their own (diagonal mean), for "
+                         "per-category and pooled models, on raw and per-category standardised scores."))
+    bank = results.get("unified_bank", pd.DataFrame())
+    if len(bank):
+        shares = bank.groupby(["method", "set", "category"])[["bank_share", "train_share"]].mean().reset_index()
+        out.append(Table("unified_bank", shares, "Each category's share of the pooled PatchCore coreset against its "
+                                                 "share of the training patches, mean over seeds."))
+    cov = results.get("unified_covariance", pd.DataFrame())
+    if len(cov):
+        out.append(Table("unified_covariance", cov, "PaDiM: pooled against per-category covariance (mean over positions "
+                                                    "of the trace ratio, and of the log-determinant difference)."))
+    curve = results.get("unified_curve", pd.DataFrame())
+    if len(curve):
+        by_n = curve.groupby(["method", "data", "n_categories"])["auroc_change"].mean().reset_index()
+        out.append(Table("unified_curve", by_n, "AUROC of the pooled minus the per-category model, mean over categories, "
+                                                "against the number of pooled categories (first model seed)."))
+    return out
+
+
 def rq4(tables: dict[str, pd.DataFrame], methods: list[str], labels: dict[str, str]) -> list[str]:
-    return ["### 3.4 RQ4: does one model for all categories take the identical shortcut?",
-            "No unified results in this run."]
+    from helpers.report import interval, num, pct
+
+    head = "### 3.4 RQ4: does one model for all categories take the identical shortcut?"
+    intervals = tables.get("unified_intervals", pd.DataFrame())
+    if intervals.empty:
+        return [head, "No unified results in this run."]
+    parts = [head,
+             "**What 'explained away' means for an embedding method.** PatchCore: an anomalous patch is explained "
+             "away when its nearest entry in the pooled memory bank comes from another category and its score falls "
+             "below its own category's normal-only threshold. PaDiM: the pooled Gaussian is wider, so an anomalous "
+             "patch the per-category Gaussian flags falls below threshold under the pooled one. Both are measured "
+             "per patch and per image. **The positive control**: squares of category B's normal images pasted into "
+             "category A's normal images (every ordered pair; the side of the square is a share of the image side, "
+             "1 being the whole image). A per-category model must flag them; a pooled model that holds B's normal "
+             "patches can explain them away. The close set pools look-alike categories (a second woven texture, a "
+             "second nut).",
+             "![Unified: positive control](unified_control.png)"]
+    lines = []
+    comparison = "per_category - model_unified"
+    pooled = intervals[(intervals["comparison"] == comparison) & (intervals["category"] == "mean")]
+    for r in pooled.sort_values(["method", "set", "data"]).itertuples():
+        verdict = ("the per-category model is better" if r.lo > 0 else
+                   "the pooled model is better" if r.hi < 0 else "no difference")
+        lines.append(f"{labels.get(r.method, r.method)}, {r.set} set, {r.data}: per-category minus pooled AUROC "
+                     f"{interval(r.estimate, r.lo, r.hi)}: {verdict} (`unified_intervals`).")
+    prov = tables.get("unified_provenance", pd.DataFrame())
+    for r in prov[prov["data"].str.startswith("control")].itertuples() if len(prov) else ():
+        if r.data.endswith("_1"):
+            lines.append(f"Pooled PatchCore, {r.set} set, whole-image control, {r.category}: {pct(r.cross_share_anomalous)} "
+                         f"of anomalous patches have a neighbour of another category, {pct(r.explained_away)} are "
+                         f"explained away (`unified_provenance`).")
+    fpr = tables.get("unified_fpr_summary", pd.DataFrame())
+    for r in fpr.itertuples() if len(fpr) else ():
+        if r.set == "far":
+            lines.append(f"{labels.get(r.method, r.method)}, far set, {r.model} models, {r.scores} scores: another "
+                         f"category's threshold flags up to {pct(r.max_off_diagonal_fpr)} of a category's normals, its "
+                         f"own {pct(r.mean_diagonal_fpr)} (`unified_fpr_summary`).")
+    normalised = intervals[intervals["comparison"].str.startswith("absolute_unified_normalised")]
+    for r in normalised[normalised["data"] == "test"].itertuples():
+        lines.append(f"{labels.get(r.method, r.method)}, {r.set} set: one global threshold on per-category "
+                     f"standardised scores minus on raw scores, AUROC {interval(r.estimate, r.lo, r.hi)} "
+                     "(`unified_intervals`).")
+    bank = tables.get("unified_bank", pd.DataFrame())
+    far = bank[bank["set"] == "far"] if len(bank) else bank
+    if len(far):
+        lines.append("Pooled PatchCore coreset, far set: " + ", ".join(
+            f"{r.category} {pct(r.bank_share)} of the bank ({pct(r.train_share)} of the training patches)"
+            for r in far.itertuples()) + " (`unified_bank`).")
+    cov = tables.get("unified_covariance", pd.DataFrame())
+    if len(cov):
+        lines.append(f"PaDiM's pooled covariance is {num(cov['trace_ratio'].min())} to {num(cov['trace_ratio'].max())} "
+                     "times wider (trace ratio) than a category's own (`unified_covariance`).")
+    return parts + [bullet_lines(lines)]
 
 
 def conclusion(tables: dict[str, pd.DataFrame], methods: list[str], labels: dict[str, str]) -> list[str]:

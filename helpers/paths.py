@@ -148,6 +148,17 @@ class Run:
     def shift_copy(self, draw: int, mode: str, transform: str, severity: int) -> Path:
         return shift_copy_path(self.shift_root(draw), mode, transform, severity, self.config.shift.seed)
 
+    def control_root(self, draw: int, patch: float) -> Path:
+        """The unified study's positive control (cross-category anomalies with squares of side ``patch``) made
+        from one draw's data: ``<control root>/<dataset>[/seed=<draw>]/patch=<share>/per_pair=<n>``, the control
+        root being ``unified.control_root`` or, by default, ``cross_category`` beside the data's root."""
+        unified = self.config.unified
+        root = unified.control_root or resolve(self.config.data.root).parent / "cross_category"
+        base = resolve(root) / self.config.data.dataset
+        if self.config.data.dataset == "synthetic":
+            base = base / f"seed={int(draw)}"
+        return base / f"patch={_fmt(float(patch))}" / f"per_pair={int(unified.control_per_pair)}"
+
 
 def cache_key(**params: Any) -> str:
     """Stable short hash of every parameter that changes a cached artefact."""

@@ -37,7 +37,8 @@ SCALING = {
     "matched": "fits and scored images, as fit and evaluate",
     "sweep": "fits not already made and scored images, as fit and evaluate",
     "thresholds": "source scores, and the adapted and refit models' cross-fitted fits and scores",
-    "unified": "pooled and per-category fits (and, in the rewritten unified study, their scores)",
+    "unified": "pooled and per-category fits and their scored images (calibration, validation, test, controls)",
+    "intervals": "resamples x scored images",
 }
 
 
@@ -50,15 +51,16 @@ def split_counts(n_train_folder: int, test_per_type: dict[str, int], calib_size:
     train = n_train_folder - calib
     if n_train_cap:
         train = min(train, int(n_train_cap))
-    val = 0
-    for count in test_per_type.values():
+    val = val_good = 0
+    for name, count in test_per_type.items():
         n_val = int(round(val_fraction * count))
         if count >= 2:
             n_val = min(max(n_val, 1), count - 1)
         val += n_val
+        val_good += n_val if name == "good" else 0
     total = sum(test_per_type.values())
     return {"train": train, "calib": calib, "val": val, "test": total - val,
-            "generated": n_train_folder + total}
+            "test_good": test_per_type.get("good", 0) - val_good, "generated": n_train_folder + total}
 
 
 def _synthetic_shape(config, category: str) -> tuple[int, dict[str, int]]:
@@ -68,7 +70,7 @@ def _synthetic_shape(config, category: str) -> tuple[int, dict[str, int]]:
     if category in s.per_category:
         shape = s.per_category[category]
         return shape.n_train, dict(shape.test)
-    defects = synthetic.DEFECTS.get(category) or synthetic.defect_types(category)[:3]
+    defects = synthetic.defects_of(category)
     return s.n_train, {"good": s.n_test_good, **{d: s.n_per_defect for d in defects}}
 
 
@@ -96,7 +98,8 @@ def image_counts(run: Run, categories: Sequence[str] | None = None) -> tuple[dic
                 counts = {s: int((rows["split"] == s).sum()) for s in splits.SPLITS}
                 if data.n_train:
                     counts["train"] = min(counts["train"], int(data.n_train))
-                out[c] = {**counts, "generated": len(rows)}
+                test_good = int(((rows["split"] == "test") & (rows["label"] == 0)).sum())
+                out[c] = {**counts, "test_good": test_good, "generated": len(rows)}
             return out, f"the data in {root}"
     out = {}
     if data.dataset == "synthetic":
@@ -369,12 +372,15 @@ class _Features:
         self.done[key] = self.done.get(key, 0) + fresh
         return fresh
 
-    def batch(self, step: str, backbone: str, size: int, sets: list[list[tuple]]) -> Batch:
-        """One prefetch: one job per non-empty image set (a set is a list of (draw, condition, category, split))."""
+    def batch(self, step: str, backbone: str, size: int, sets: list[list[tuple]], only_new: bool = False) -> Batch:
+        """One prefetch: one job per image set (a set is a list of (draw, condition, category, split)); with
+        ``only_new``, only for a set holding images not featurised yet (the caller filtered the cached ones)."""
         unit = backbone_seconds(backbone, self.measure) * (size / REFERENCE_SIZE) ** 2
         b = Batch(step, "features", "features", "helpers.experiments._features_job")
         for parts in sets:
             fresh = sum(self.new(backbone, size, *part) for part in parts)
+            if only_new and not fresh:
+                continue
             b.add(fresh * unit)
             b.images += fresh
             b.bytes_written += fresh * feature_bytes(backbone, size)
@@ -629,27 +635,8 @@ def _unified_batches(run: Run, counts: dict, feats: _Features, fits: _Fits) -> l
     def _train(c):
         return counts[c]["train"] if c in counts else _extra_counts(run, c)["train"]
 
-    def _scored(c):
-        source = counts[c] if c in counts else _extra_counts(run, c)
-        return source["calib"] + source["val"] + source["test"]
-
     if hasattr(unified, "pools") and hasattr(unified, "model_jobs"):
-        b = Batch(step, "unified", "unified models", "helpers.unified._model_job")
-        models = set()
-        for method in cfg.methods:
-            for pool in unified.pools(run):
-                for seed in pool.seeds:
-                    models.add((method, int(seed), tuple(sorted(pool.categories))))
-                    models.update((method, int(seed), (c,)) for c in pool.categories)
-        for method, seed, categories in sorted(models, key=lambda m: -len(m[2])):
-            detector = registry.configured(cfg, method, seed)
-            n = n_train(categories)
-            scored = sum(_scored(c) for c in categories)
-            b.add(_fit(detector, n) + _score(detector, scored, n))
-            b.fits += 1
-            b.images += scored
-        b.notes.append("counted from helpers.unified.pools (control images not counted)")
-        return [b]
+        return _pooled_study_batches(run, counts, feats, n_train)
     if hasattr(unified, "fit_models"):
         out = []
         categories = list(cfg.unified_categories)
@@ -666,6 +653,68 @@ def _unified_batches(run: Run, counts: dict, feats: _Features, fits: _Fits) -> l
         return out
     return [Batch(step, "unified", "unified (unknown shape)", "helpers.unified", notes=["not counted: "
                   "helpers.unified has neither pools/model_jobs nor fit_models; extend plan._unified_batches"])]
+
+
+def _pooled_study_batches(run: Run, counts: dict, feats: "_Features", n_train: Callable) -> list[Batch]:
+    """The unified study of named sets and a curve (helpers.unified.pools): a features batch for the images not
+    featurised yet (the look-alike categories, the controls' anomalies), one job per distinct (method, seed,
+    categories) model that fits and scores it (``unified models``), and the paired bootstrap (``intervals``)."""
+    from helpers import registry, unified
+    from helpers.experiments import CLEAN
+
+    cfg = run.config
+    step, draw = "05_unified", int(cfg.data.draws[0])
+    u = cfg.unified
+    categories = list(cfg.unified_categories)
+    every = {c: counts[c] if c in counts else _extra_counts(run, c) for c in categories}
+    # the look-alikes only the unified study reads: their capped training normals are new to the feature cache
+    feats.counts.update({c: {**every[c], "train": min(u.n_train or every[c]["train"], every[c]["train"])}
+                         for c in categories if c not in counts})
+    sources: dict[tuple, dict[str, set]] = {}
+    full: dict[tuple, bool] = {}
+    for method in cfg.methods:
+        for pool in unified.pools(run):
+            for seed in pool.seeds:
+                for key in [tuple(sorted(pool.categories)), *[(c,) for c in pool.categories]]:
+                    entry = sources.setdefault((method, int(seed), key), {c: set() for c in key})
+                    for c in key:
+                        entry[c] |= set(pool.categories) - {c}
+                    full[method, int(seed), key] = full.get((method, int(seed), key), False) or not pool.curve
+    controls = unified.controls(run)
+    per_pair = u.control_per_pair
+    # features: capped training normals, calib/val/test and each control's anomalies (its normals are byte copies
+    # of the test normals); a set whose images are all cached makes no job
+    sets = [[(draw, CLEAN, c, "train")] for c in categories]
+    sets += [[(draw, CLEAN, c, split)] for c in categories for split in unified.SPLITS]
+    b = feats.batch(step, cfg.model.backbone, cfg.model.image_size, sets, only_new=True)
+    unit = backbone_seconds(cfg.model.backbone, feats.measure) * (cfg.model.image_size / REFERENCE_SIZE) ** 2
+    for _ in range(len(categories) * len(controls)):  # one set per category and control
+        fresh = per_pair * (len(categories) - 1)
+        b.add(fresh * unit)
+        b.images += fresh
+        b.bytes_written += fresh * feature_bytes(cfg.model.backbone, cfg.model.image_size)
+    models = Batch(step, "unified", "unified models", "helpers.unified._model_job")
+    first_seed = int(cfg.model.seeds[0])
+    for (method, seed, key), entry in sorted(sources.items(), key=lambda item: -len(item[0][2])):
+        detector = registry.configured(cfg, method, seed)
+        is_full = full[method, seed, key]
+        scored = 0
+        for c in key:
+            splits_scored = ("calib", "val", "test") if is_full and seed == first_seed else ("calib", "test")
+            scored += sum(every[c][s] for s in splits_scored)
+            shown = len(controls) if is_full else 1
+            scored += every[c]["test_good"] + shown * per_pair * len(entry[c])
+        models.add(_fit(detector, n_train(key)) + _score(detector, scored, n_train(key)))
+        models.fits += 1
+        models.models_written += _model_bytes(detector, n_train(key))
+        models.images += scored
+    groups = len(cfg.methods) * sum(1 for p in unified.pools(run) if not p.curve) * (1 + len(controls))
+    rows = models.images / max(groups, 1)
+    intervals = Batch(step, "intervals", "intervals", "helpers.unified._group_intervals")
+    for _ in range(groups):
+        intervals.add(u.n_resamples * rows)
+    intervals.notes.append("intervals: one job per method, set and data (test or a control), approximately")
+    return [b, models, intervals]
 
 
 # --- recorded timings ----------------------------------------------------------------------------------------
@@ -718,8 +767,9 @@ def read_summary(path: Path) -> Recorded | None:
 
 
 def find_recorded(profile: str, run: Run) -> Recorded | None:
-    """Timings of this configuration's run, else of another run of the profile, else its published copy; then the
-    same for ``default``."""
+    """Timings of this configuration's run, else of another run of the profile (newest first), else its published
+    copy; then the same for ``default``. A run whose configuration no longer loads (an older version's) is passed
+    over."""
     from helpers import config as config_module
 
     for name in dict.fromkeys([profile, "default"]):
@@ -727,12 +777,14 @@ def find_recorded(profile: str, run: Run) -> Recorded | None:
         others = [p for p in this.dir.parent.glob(f"{name}-*")
                   if p != this.dir and _RUN_NAME.fullmatch(p.name[len(name) + 1:])]
         folders = [this.dir] + sorted(others, key=lambda p: -p.stat().st_mtime)
-        for folder in folders:
-            found = read_run(folder)
-            if found is not None:
-                return found
+        candidates = [lambda f=f: read_run(f) for f in folders]
         if this.publish_dir is not None:
-            found = read_summary(this.publish_dir / JOB_TIMES)
+            candidates.append(lambda: read_summary(this.publish_dir / JOB_TIMES))
+        for read in candidates:
+            try:
+                found = read()
+            except config_module.ProfileError:
+                continue  # recorded by an older version whose configuration no longer loads
             if found is not None:
                 return found
     return None
@@ -981,9 +1033,9 @@ def report(profile: str, overrides: dict | None = None, workers: int | None = No
         factor = scale_factor(planned, recorded, measure)
         lines.append(f"- this plan is {factor:.3g} times the recorded run's work")
         if factor > 20:
-            lines.append("- **rough**: the recorded run is much smaller; its jobs are dominated by fixed costs (process "
-                         "start, imports, building models) that this proportional model scales too, so expect an "
-                         "overestimate. Record a run of similar size: `default` for default, default or "
+            lines.append("- **rough**: the recorded run is much smaller; its jobs are dominated by fixed costs "
+                         "(process start, imports, building models) that this proportional model scales too, so "
+                         "expect an overestimate. Record a run of similar size: `default` for default, default or "
                          "`mvtec-rehearsal` for mvtec")
         if unknown:
             lines.append("- '?': no timing of that kind or step was recorded; the total leaves it out")

@@ -40,13 +40,15 @@ def method_style(method: str) -> dict:
     return {"color": spec.colour, "marker": spec.marker, "linestyle": spec.linestyle, "label": spec.label}
 
 
-def save_figure(fig: plt.Figure, name: str, figures_dir: str | Path, caption: str) -> Path:
-    """Write ``<name>.png`` and ``<name>.pdf`` and record the caption in ``captions.json`` beside them."""
+def save_figure(fig: plt.Figure, name: str, figures_dir: str | Path, caption: str, dpi: int | None = None) -> Path:
+    """Write ``<name>.png`` and ``<name>.pdf``, record the caption in ``captions.json`` beside them and, in a
+    notebook, show the saved PNG as the cell's output. ``dpi`` lowers the PNG's resolution for image-heavy
+    figures (the PDF keeps vector parts sharp at any size)."""
     folder = Path(figures_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "pdf"):
         tmp = folder / f".{name}.tmp.{ext}"
-        fig.savefig(tmp, format=ext, metadata=_METADATA[ext])
+        fig.savefig(tmp, format=ext, metadata=_METADATA[ext], **({"dpi": dpi} if dpi else {}))
         tmp.replace(folder / f"{name}.{ext}")
     plt.close(fig)
     index_path = folder / CAPTIONS
@@ -55,7 +57,26 @@ def save_figure(fig: plt.Figure, name: str, figures_dir: str | Path, caption: st
     tmp = folder / f".{CAPTIONS}.tmp"
     tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
     tmp.replace(index_path)
-    return folder / f"{name}.png"
+    png = folder / f"{name}.png"
+    _show_in_notebook(png, caption)
+    return png
+
+
+def _show_in_notebook(png: Path, caption: str) -> None:
+    """Display the saved file's own bytes (the figure is closed, so nothing else shows it), with output metadata
+    naming the file: the rendered pages (helpers.render_notebooks) link the file instead of embedding it."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None or getattr(shell, "kernel", None) is None:  # a script or a terminal: nothing to show in
+        return
+    from IPython.display import Image, display
+
+    from helpers.render_notebooks import FIGURE_KEY
+
+    display(Image(data=png.read_bytes(), format="png"), metadata={FIGURE_KEY: {"file": png.name, "caption": caption}})
 
 
 def outline(ax: plt.Axes, mask: np.ndarray, color: str = "red") -> None:
@@ -270,30 +291,6 @@ def score_distributions(dists: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def interval_bars(table: pd.DataFrame, x: str, hue: str, estimate: str, lo: str, hi: str, ylabel: str,
-                  title: str = "", ylim: tuple[float, float] | None = None, reference: float | None = None
-                  ) -> plt.Figure:
-    """Bars of an estimate per ``x`` and ``hue`` (e.g. category and method) with their interval as error bars;
-    each hue keeps its hatch, so the figure reads in greyscale. ``reference`` draws a horizontal line."""
-    xs, hues = list(dict.fromkeys(table[x])), list(dict.fromkeys(table[hue]))
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(xs) * max(1, len(hues)) / 2, 3.0))
-    width = 0.8 / len(hues)
-    for i, h in enumerate(hues):
-        sub = table[table[hue] == h].set_index(x).reindex(xs)
-        pos = np.arange(len(xs)) + (i - (len(hues) - 1) / 2) * width
-        err = np.vstack([sub[estimate] - sub[lo], sub[hi] - sub[estimate]]).clip(min=0)
-        ax.bar(pos, sub[estimate], width, yerr=err, capsize=3, label=str(h), color=f"C{i}",
-               hatch=["", "//", "..", "xx"][i % 4], edgecolor="black")
-    if reference is not None:
-        ax.axhline(reference, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=20 if len(xs) > 4 else 0)
-    ax.set_ylabel(ylabel)
-    if ylim:
-        ax.set_ylim(*ylim)
-    ax.set_title(title)
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
-
-
 # --- threshold regimes (notebook 04) ---------------------------------------------------------------------
 
 # Regimes that use the N target normals: colour, marker and dash each tell them apart (greyscale-safe).
@@ -371,21 +368,6 @@ def threshold_budget_curves(summary: pd.DataFrame, metric: str, ylabel: str, tit
     return fig
 
 
-def marked_heatmap(table: pd.DataFrame, marks: pd.DataFrame | None, title: str, xlabel: str, ylabel: str,
-                   fmt: str = ".2f", cmap: str = "rocket_r", center: float | None = None) -> plt.Figure:
-    """A heat map whose cells where ``marks`` is True carry a dagger (e.g. a shift inside the variation the
-    training images already have)."""
-    fig, ax = plt.subplots(figsize=(1.4 + 0.9 * table.shape[1], 0.9 + 0.45 * table.shape[0]))
-    labels = table.map(lambda v: "" if pd.isna(v) else format(v, fmt))
-    if marks is not None:
-        marks = marks.reindex_like(table).fillna(False).astype(bool)
-        labels = labels.where(~marks, labels + "†")
-    sns.heatmap(table, annot=labels.to_numpy(), fmt="", cmap=cmap, center=center, ax=ax, cbar_kws={"shrink": 0.8})
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-
-
 def recovery_curves(recovery: pd.DataFrame, title: str | None = None) -> plt.Figure:
     """Share of the clean-to-shifted loss each regime recovers against the budget N, one panel per method (rows)
     and estimator (columns), with intervals over draws; the oracle as a dashed line; 0 (no better than not
@@ -424,27 +406,6 @@ def recovery_curves(recovery: pd.DataFrame, title: str | None = None) -> plt.Fig
         fig.suptitle(title)
     fig.tight_layout()
     return fig
-
-
-def forest(table: pd.DataFrame, label: str, estimate: str, lo: str, hi: str, xlabel: str, title: str = "",
-           group: str | None = None) -> plt.Figure:
-    """Estimates with horizontal interval lines, one row per ``label`` (a forest plot); a vertical line at 0.
-    Rows of the same ``group`` share a marker."""
-    rows = table.reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(6.0, 0.6 + 0.28 * len(rows)))
-    groups = list(dict.fromkeys(rows[group])) if group else [None]
-    for i, r in rows.iterrows():
-        gi = groups.index(r[group]) if group else 0
-        ax.errorbar(r[estimate], i, xerr=[[max(r[estimate] - r[lo], 0)], [max(r[hi] - r[estimate], 0)]],
-                    fmt=MARKERS[gi % len(MARKERS)], color=f"C{gi}", capsize=2,
-                    label=str(r[group]) if group and i == rows.index[rows[group] == r[group]][0] else None)
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(rows)), rows[label])
-    ax.invert_yaxis()
-    ax.set_xlabel(xlabel)
-    ax.set_title(title)
-    if group:
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
 
 
 def label_budget_curves(summary: pd.DataFrame, metric: str, ylabel: str, title: str | None = None) -> plt.Figure:
@@ -521,4 +482,181 @@ def calibration_plot(calibration: pd.DataFrame, title: str | None = None) -> plt
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def interval_bars(table: pd.DataFrame, x: str, hue: str, estimate: str, lo: str, hi: str, ylabel: str,
+                  title: str = "", ylim: tuple[float, float] | None = None, reference: float | None = None
+                  ) -> plt.Figure:
+    """Bars of an estimate per ``x`` and ``hue`` (e.g. category and method) with their interval as error bars;
+    each hue keeps its hatch, so the figure reads in greyscale. ``reference`` draws a horizontal line."""
+    xs, hues = list(dict.fromkeys(table[x])), list(dict.fromkeys(table[hue]))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(xs) * max(1, len(hues)) / 2, 3.0))
+    width = 0.8 / len(hues)
+    for i, h in enumerate(hues):
+        sub = table[table[hue] == h].set_index(x).reindex(xs)
+        pos = np.arange(len(xs)) + (i - (len(hues) - 1) / 2) * width
+        err = np.vstack([sub[estimate] - sub[lo], sub[hi] - sub[estimate]]).clip(min=0)
+        ax.bar(pos, sub[estimate], width, yerr=err, capsize=3, label=str(h), color=f"C{i}",
+               hatch=["", "//", "..", "xx"][i % 4], edgecolor="black")
+    if reference is not None:
+        ax.axhline(reference, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=20 if len(xs) > 4 else 0)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_title(title)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def marked_heatmap(table: pd.DataFrame, marks: pd.DataFrame | None, title: str, xlabel: str, ylabel: str,
+                   fmt: str = ".2f", cmap: str = "rocket_r", center: float | None = None) -> plt.Figure:
+    """A heat map whose cells where ``marks`` is True carry a dagger (e.g. a shift inside the variation the
+    training images already have)."""
+    fig, ax = plt.subplots(figsize=(1.4 + 0.9 * table.shape[1], 0.9 + 0.45 * table.shape[0]))
+    labels = table.map(lambda v: "" if pd.isna(v) else format(v, fmt))
+    if marks is not None:
+        marks = marks.reindex_like(table).fillna(False).astype(bool)
+        labels = labels.where(~marks, labels + "†")
+    sns.heatmap(table, annot=labels.to_numpy(), fmt="", cmap=cmap, center=center, ax=ax, cbar_kws={"shrink": 0.8})
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    return fig
+
+
+def forest(table: pd.DataFrame, label: str, estimate: str, lo: str, hi: str, xlabel: str, title: str = "",
+           group: str | None = None) -> plt.Figure:
+    """Estimates with horizontal interval lines, one row per ``label`` (a forest plot); a vertical line at 0.
+    Rows of the same ``group`` share a marker."""
+    rows = table.reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(6.0, 0.6 + 0.28 * len(rows)))
+    groups = list(dict.fromkeys(rows[group])) if group else [None]
+    for i, r in rows.iterrows():
+        gi = groups.index(r[group]) if group else 0
+        ax.errorbar(r[estimate], i, xerr=[[max(r[estimate] - r[lo], 0)], [max(r[hi] - r[estimate], 0)]],
+                    fmt=MARKERS[gi % len(MARKERS)], color=f"C{gi}", capsize=2,
+                    label=str(r[group]) if group and i == rows.index[rows[group] == r[group]][0] else None)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), rows[label])
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    if group:
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# --- the unified study ----------------------------------------------------------------------------------------
+
+def fpr_matrix_grid(fpr: pd.DataFrame, title: str = "") -> plt.Figure:
+    """One method's cross-class FPR matrices (mean over seeds): rows = set and model (per-category control,
+    pooled), columns = raw and per-category standardised scores; cell = FPR of the row category's normal test
+    images at the column category's normal-only threshold."""
+    sets = list(dict.fromkeys(fpr["set"]))
+    models = [m for m in ("per_category", "pooled") if m in set(fpr["model"])]
+    scales = [s for s in ("raw", "normalised") if s in set(fpr["scores"])]
+    n = fpr["normal_of"].nunique()
+    rows = [(s, m) for s in sets for m in models]
+    fig, axes = plt.subplots(len(rows), len(scales), figsize=(1.4 + 0.85 * n * len(scales), 0.8 + 0.6 * n * len(rows)),
+                             squeeze=False)
+    for i, (set_name, model) in enumerate(rows):
+        for j, scale in enumerate(scales):
+            sub = fpr[(fpr["set"] == set_name) & (fpr["model"] == model) & (fpr["scores"] == scale)]
+            order = list(dict.fromkeys(sub["normal_of"]))
+            table = sub.pivot_table(index="normal_of", columns="threshold_of", values="fpr").reindex(index=order,
+                                                                                                  columns=order)
+            sns.heatmap(table, annot=True, fmt=".2f", cmap="rocket_r", vmin=0, vmax=1, cbar=False, ax=axes[i, j])
+            axes[i, j].set_title(f"{set_name}, {model.replace('_', '-')} model, {scale} scores", fontsize=8)
+            axes[i, j].set_xlabel("threshold of category")
+            axes[i, j].set_ylabel("normal images of")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def control_panels(metrics: pd.DataFrame) -> plt.Figure:
+    """Per method (columns): image AUROC of the per-category (hatched) and pooled (plain) model on the test split
+    and every control (top), and the share of anomalous patches the pooled model explains away (bottom); bars
+    per set, means over categories and seeds, error bars one standard deviation over seeds."""
+    methods = list(dict.fromkeys(metrics["method"]))
+    data = list(dict.fromkeys(metrics["data"]))
+    sets = list(dict.fromkeys(metrics["set"]))
+    sub = metrics[metrics["category"] != "all"]
+    fig, axes = plt.subplots(2, len(methods), figsize=(1.5 + 1.2 * len(data) * len(methods), 5.6), squeeze=False,
+                             sharey="row")
+    bars = [(s, setting) for s in sets for setting in ("per_category", "model_unified")]
+    width = 0.8 / len(bars)
+    for j, method in enumerate(methods):
+        for k, (set_name, setting) in enumerate(bars):
+            part = sub[(sub["method"] == method) & (sub["set"] == set_name) & (sub["setting"] == setting)]
+            by_seed = part.groupby(["data", "seed"])
+            for i, metric in enumerate(("image_auroc", "explained_away")):
+                if metric == "explained_away" and setting == "per_category":
+                    continue
+                values = by_seed[metric].mean().groupby("data")
+                x = np.arange(len(data)) + (k - (len(bars) - 1) / 2) * width
+                axes[i, j].bar(x, values.mean().reindex(data).to_numpy(), width,
+                               yerr=values.std(ddof=1).reindex(data).fillna(0).to_numpy(), capsize=2,
+                               color=f"C{sets.index(set_name)}", hatch="//" if setting == "per_category" else "",
+                               edgecolor="black", label=f"{set_name}, {setting.replace('_', '-')}")
+        axes[0, j].set_title(method)
+        for i in range(2):
+            axes[i, j].set_xticks(range(len(data)), [d.replace("_", " ") for d in data], rotation=20, fontsize=8)
+    axes[0, 0].set_ylabel("image AUROC")
+    axes[1, 0].set_ylabel("anomalous patches explained away")
+    axes[0, -1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def bank_shares(bank: pd.DataFrame) -> plt.Figure:
+    """Each category's share of a pooled memory bank (bars, mean over seeds) against its share of the training
+    patches (black ticks), one panel per set."""
+    sets = list(dict.fromkeys(bank["set"]))
+    fig, axes = plt.subplots(1, len(sets), figsize=(1.5 + 2.2 * len(sets), 3.0), squeeze=False, sharey=True)
+    for ax, set_name in zip(axes.flat, sets):
+        sub = bank[bank["set"] == set_name]
+        cats = list(dict.fromkeys(sub["category"]))
+        grouped = sub.groupby("category")
+        ax.bar(range(len(cats)), grouped["bank_share"].mean().reindex(cats).to_numpy(), 0.6,
+               yerr=grouped["bank_share"].std(ddof=1).reindex(cats).fillna(0).to_numpy(), capsize=3,
+               color="C0", edgecolor="black", label="share of the bank")
+        ax.hlines(grouped["train_share"].mean().reindex(cats).to_numpy(), np.arange(len(cats)) - 0.35,
+                  np.arange(len(cats)) + 0.35, colors="black", linewidth=2, label="share of training patches")
+        ax.set_xticks(range(len(cats)), cats, rotation=20)
+        ax.set_title(set_name)
+    axes.flat[0].set_ylabel("share")
+    axes.flat[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def pooled_count_curve(curve: pd.DataFrame) -> plt.Figure:
+    """Change of image AUROC from the per-category to the pooled model (top) and the share of anomalous patches
+    the pooled model explains away (bottom) against the number of pooled categories, one line per method,
+    one panel per data; means over the pooled categories, error bars one standard deviation over them."""
+    data = list(dict.fromkeys(curve["data"]))
+    fig, axes = plt.subplots(2, len(data), figsize=(1.5 + 2.6 * len(data), 5.6), squeeze=False, sharex=True,
+                             sharey="row")
+    for j, name in enumerate(data):
+        for method, sub in curve[curve["data"] == name].groupby("method", sort=False):
+            style = method_style(method)
+            for i, metric in enumerate(("auroc_change", "explained_away")):
+                grouped = sub.groupby("n_categories")[metric]
+                axes[i, j].errorbar(grouped.mean().index, grouped.mean().to_numpy(),
+                                    yerr=grouped.std(ddof=1).fillna(0).to_numpy(), capsize=3, **style)
+        axes[0, j].set_title(name.replace("_", " "))
+        axes[0, j].axhline(0, color="grey", linewidth=0.8)
+        axes[1, j].set_xlabel("pooled categories")
+    axes[0, 0].set_ylabel("AUROC, pooled - per-category")
+    axes[1, 0].set_ylabel("patches explained away")
+    axes[0, -1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.tight_layout()
+    fig.align_ylabels(axes[:, 0])
     return fig

@@ -146,3 +146,11 @@ def untraceable_numbers(text: str, tables_dir: str | Path) -> list[str]:
     missing = [d for d in decimals if d not in formatted and d.lstrip("-") not in formatted]
     missing += [f"{p} %" for p in percents if p not in rates]
     return missing
+
+
+def without_images(text: str) -> str:
+    """The report's text without its figure lines, for showing it where its relative figure links do not resolve
+    (a notebook page)."""
+    import re
+
+    return re.sub(r"^!\[[^\]]*\]\([^)]*\)\s*$", "", text, flags=re.M)

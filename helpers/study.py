@@ -254,6 +254,7 @@ def run(profile: str | Path = "default", overrides: dict | None = None, only: li
         executed.append(out)
     if only is None:
         write_run_times(study)
+        render_pages(study, log)
         publish(study, log)
     return executed
 
@@ -342,6 +343,18 @@ def write_job_times(study: Run, records: dict[str, dict] | None = None) -> Path:
     path = study.figures / JOB_TIMES
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n"))
     return path
+
+
+def render_pages(study: Run, log=print) -> list[Path]:
+    """The executed notebooks as HTML pages beside the figures they link to, checked (in a headless browser where
+    one is installed); a page with a broken figure stops the run before anything is published."""
+    from helpers import render_notebooks
+
+    pages = render_notebooks.render_run(study)
+    problems = render_notebooks.check_pages(study.figures / render_notebooks.PAGES, log=log)
+    if problems:
+        raise NotebookFailed("rendered notebooks have problems: " + "; ".join(problems[:5]))
+    return pages
 
 
 def publish(study: Run, log=print) -> Path | None:

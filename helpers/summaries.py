@@ -47,12 +47,11 @@ def drop_summary(scores: pd.DataFrame, by: Sequence[str] = ("method",), n_resamp
 
 
 def pixel_summary(results: pd.DataFrame, by: Sequence[str] = ("method",)) -> pd.DataFrame:
-    """Mean pixel AUROC and AUPRO per group and condition, over the runs that computed them (every seed on
-    clean data, the first seed under shift), and how many runs that is."""
-    present = results.dropna(subset=["pixel_aupro"])
-    grouped = present.groupby([*by, *CONDITION])
-    out = grouped[["pixel_auroc", "pixel_aupro"]].mean()
-    out["n_runs"] = grouped.size()
+    """Mean pixel AUROC and AUPRO per group and condition, over the runs that computed them (every run on clean
+    data, the first draw and seed under shift), and how many runs that is (0 for a dataset without masks)."""
+    grouped = results.groupby([*by, *CONDITION])
+    out = grouped[["pixel_auroc", "pixel_aupro"]].mean()  # NaN where no run had masks: not available
+    out["n_runs"] = grouped["pixel_aupro"].count()
     return out.reset_index()
 
 

@@ -21,8 +21,9 @@ def test_split_counts_follow_make_splits(tmp_path, calib_size, val_fraction):
                             n_defect=3)
     manifest = splits.make_splits(root, ["alpha"], calib_size=calib_size, val_fraction=val_fraction)
     counted = plan.split_counts(13, {"good": 5, "a": 3, "b": 3, "c": 3}, calib_size, val_fraction)
-    assert {s: int((manifest["split"] == s).sum()) for s in splits.SPLITS} == \
-           {k: v for k, v in counted.items() if k != "generated"}
+    found = {s: int((manifest["split"] == s).sum()) for s in splits.SPLITS}
+    found["test_good"] = int(((manifest["split"] == "test") & (manifest["label"] == 0)).sum())
+    assert found == {k: v for k, v in counted.items() if k != "generated"}
 
 
 def test_the_rehearsal_counts_what_the_real_mvtec_ad_run_counts(monkeypatch):
@@ -118,3 +119,14 @@ def test_a_recorded_batch_on_more_workers_takes_less_wall_time_but_never_less_th
     assert plan.wall_seconds(100.0, 10.0, 4, 1.0) == 26.0
     assert plan.wall_seconds(100.0, 60.0, 4, 1.0) == 61.0
     assert plan.wall_seconds(100.0, 10.0, 1, 0.0) == 100.0
+
+
+@pytest.mark.parametrize("profile", ["default", "smoke", "mvtec"])
+def test_the_unified_models_planned_are_the_ones_the_unified_study_fits(profile, monkeypatch):
+    from helpers import backbones, unified
+
+    monkeypatch.setattr(backbones, "is_available", lambda name: name == "efficientnet_lite0")
+    run = Run(profile, load(profile))
+    counts = plan.image_counts(run)[0]
+    planned = next(b for b in plan.batches(run, counts, measure=False) if b.desc == "unified models")
+    assert planned.jobs == planned.fits == len(unified.model_jobs(run))
