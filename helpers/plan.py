@@ -713,7 +713,7 @@ def _pooled_study_batches(run: Run, counts: dict, feats: "_Features", n_train: C
     intervals = Batch(step, "intervals", "intervals", "helpers.unified._group_intervals")
     for _ in range(groups):
         intervals.add(u.n_resamples * rows)
-    intervals.notes.append("intervals: one job per method, set and data (test or a control), approximately")
+    intervals.notes.append("one job per method, set and data (test or a control), counted approximately")
     return [b, models, intervals]
 
 
@@ -921,11 +921,16 @@ def _gb(n: float) -> str:
 
 
 def memory_notes(run: Run, counts: dict) -> list[str]:
-    """The largest arrays a fit of each method holds, and its model's size, on the largest training set."""
+    """The largest arrays a fit of each method holds, and its model's size, on the largest training set (a
+    category's, or the unified study's largest pool)."""
     from helpers import registry
 
     cfg = run.config
     n = max(counts[c]["train"] for c in cfg.data.categories)
+    cap = getattr(cfg.unified, "n_train", None)
+    for categories in getattr(cfg, "unified_sets", {}).values():
+        trains = [counts[c]["train"] if c in counts else _extra_counts(run, c)["train"] for c in categories]
+        n = max(n, sum(min(cap, t) if cap else t for t in trains))
     lines = []
     for method in cfg.methods:
         detector = registry.configured(cfg, method)
