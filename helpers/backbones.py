@@ -243,8 +243,8 @@ def _load_cached(name: str, device: str) -> torch.nn.Module:
     missing, unexpected = net.load_state_dict(features_state_dict(name), strict=False)
     if missing:
         raise RuntimeError(f"backbone {name}: weights lack {len(missing)} tensors, e.g. {missing[:3]}")
-    # Channels-last: oneDNN's convolutions (the depthwise ones above all) run 1.6x faster on CPU in this
-    # layout (EfficientNet-Lite0 at 224 px on 2 cores: 28.8 -> 18.1 ms per image); sums are only reordered
+    # Channels-last: oneDNN's convolutions (the depthwise ones above all) run markedly faster on CPU in this
+    # layout (README, "Run times"); sums are only reordered
     # (largest relative difference 3e-6 of a stage's maximum).
     return net.eval().to(device, memory_format=torch.channels_last)
 

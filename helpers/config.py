@@ -134,9 +134,8 @@ class ThresholdConfig:
     alphas: tuple[float, ...] = (0.01, 0.05)  # target false-positive rates of the conformal estimator
     anomalies: tuple[int, ...] = (0, 1, 2, 4, 8)  # labelled shifted anomalies A of the label-budget curve
     adapt_budgets: tuple[int, ...] | None = None  # budgets with adapted models (None: every budget)
-    # Budgets with refit models (None: every budget). A PaDiM fit takes ~1 s on 2 cores and cross-fitting needs
-    # three per draw (30 s per category and shift at a budget with 10 draws), so the default refits on the whole
-    # pool only (one draw).
+    # Budgets with refit models (None: every budget). Cross-fitting needs three fits per draw, ten draws per
+    # budget: too many PaDiM fits for two CPU cores, so the default refits on the whole pool only (one draw).
     refit_budgets: tuple[int, ...] | None = (40,)
     refit_seeds: int = 1  # adapted and refit models for the first this many model seeds
     folds: int = 2  # cross-fitting folds of the adapted and refit thresholds

@@ -2,9 +2,9 @@
 with an optional on-disk cache of finished jobs so that a killed run loses nothing it had finished.
 
 Most of a CPU run is single-threaded: PatchCore's search and coreset and PaDiM's Gaussian fit run on one
-thread by design (see ``threads``), and the metrics sort with numpy. On the 2-core machines the default
-profile targets, a run used 1.35 cores on average; two worker processes of one thread each keep both busy.
-The backbone loses nothing: two one-thread convolutions do the work of one two-thread one.
+thread by design (see ``threads``), and the metrics sort with numpy; one worker process of one thread per
+core keeps every core busy. The backbone loses nothing: two one-thread convolutions do the work of one
+two-thread one.
 
 Two engines (``execution.engine``): ``local`` runs spawned processes (never forked: torch's thread pools do not
 survive a fork); ``dask`` hands the same jobs to ``distributed`` (a scheduler at ``execution.scheduler``, or a
