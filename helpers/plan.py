@@ -779,7 +779,7 @@ def find_recorded(profile: str, run: Run) -> Recorded | None:
         folders = [this.dir] + sorted(others, key=lambda p: -p.stat().st_mtime)
         candidates = [lambda f=f: read_run(f) for f in folders]
         if this.publish_dir is not None:
-            candidates.append(lambda: read_summary(this.publish_dir / JOB_TIMES))
+            candidates.append(lambda path=this.publish_dir / JOB_TIMES: read_summary(path))
         for read in candidates:
             try:
                 found = read()

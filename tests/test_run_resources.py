@@ -145,3 +145,19 @@ def test_resources_are_sampled_over_the_process_tree():
     with study.StepMonitor(interval_s=0.05) as monitor:
         subprocess.run([sys.executable, "-c", f"import time; held = b'x' * {HELD_BYTES}; time.sleep(1)"], check=True)
     assert monitor.peak_rss > HELD_BYTES
+
+
+def test_jobs_on_dask_are_timed_where_they_run(tmp_path, monkeypatch):
+    import time
+
+    pytest.importorskip("distributed")
+    from helpers.config import ExecutionConfig
+
+    path = tmp_path / "times.jsonl"
+    monkeypatch.setattr(parallel, "job_times_file", path)
+    try:
+        parallel.run_jobs(time.sleep, [(0.1,), (0.1,)], ExecutionConfig(workers=1, engine="dask"), progress=False)
+    finally:
+        parallel.close_dask()
+    line = json.loads(path.read_text())
+    assert (line["engine"], line["jobs"], line["ran"]) == ("dask", 2, 2) and line["job_s"] >= 0.2
