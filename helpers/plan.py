@@ -4,8 +4,10 @@ timings an earlier run recorded (``parallel.record_batch``). ``python -m helpers
 
 The counts follow the code that builds the jobs (``experiments``, ``adaptation``, ``data_prep.prepare``) for a
 fresh run, one with no data, shifted copies or caches yet. Times come from a recorded run of the same profile,
-else of ``default``, scaled batch by batch by a cost in units of work (:data:`SCALING` says which); time a notebook
-spends outside its batches scales as its batches do.
+else of ``default``, scaled batch by batch by a cost in units of work (:data:`SCALING` says which); of the time a
+notebook spends outside its batches, what every notebook spends (kernel start, imports) is kept and the rest scales
+as its batches do. Jobs of a much smaller run are mostly fixed costs, which this proportional model scales too: the
+report says when the plan is far larger than the run it scales.
 """
 from __future__ import annotations
 
@@ -891,14 +893,13 @@ def outside_seconds(step: str, estimates: Sequence[Estimate], rates: Rates) -> f
     return fixed + (rates.outside[step] - fixed) * scale
 
 
-def scale_factor(planned: Sequence[Batch], recorded: Recorded, measure: bool = True) -> float:
+def scale_factor(planned: Sequence[Batch], recorded: Recorded, rates: Rates, measure: bool = True) -> float:
     """How many times the recorded run's work the plan's is (all kinds together, each weighted by its rate)."""
     reference = Run(recorded.profile, recorded.config)
-    rates = fit_rates(recorded, measure)
 
-    def seconds(batches):
+    def seconds(chosen):
         return sum(b.work * rates.per_unit.get((b.kind, b.method), rates.per_unit.get((b.kind, None), 0.0))
-                   for b in batches)
+                   for b in chosen)
 
     theirs = seconds(batches(reference, _counts_of(reference), measure))
     return seconds(planned) / theirs if theirs > 0 else math.nan
@@ -1035,7 +1036,7 @@ def report(profile: str, overrides: dict | None = None, workers: int | None = No
                      "measured there; a worker is assumed as fast as one recorded worker (one core each)")
         lines.append("- seconds outside batches: the least any recorded step spent there (kernel start, imports), plus "
                      "the rest of the step's (work in the notebook, figures) scaled as its batches")
-        factor = scale_factor(planned, recorded, measure)
+        factor = scale_factor(planned, recorded, rates, measure)
         lines.append(f"- this plan is {factor:.3g} times the recorded run's work")
         if factor > 20:
             lines.append("- **rough**: the recorded run is much smaller; its jobs are dominated by fixed costs "
