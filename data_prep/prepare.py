@@ -110,27 +110,33 @@ def _shift_job(src: Path, dst: Path, transform: str, severity: int, seed: int, m
 def build_shifts(run: Run, needs: dict, progress: bool = True) -> list[Path]:
     """Build the shifted copies ``needs`` names (``{(draw, Condition): {manifest split, ...}}``), each holding the
     images of those splits; a copy that already holds them is kept, one that lacks some is rebuilt with the
-    union. Copies are jobs of the study's job runner, each written aside and renamed into place."""
+    union. Where several draws share one copy (real data: the draws are split seeds of the same images), the copy
+    holds the union of what every draw needs. Copies are jobs of the study's job runner, each written aside and
+    renamed into place."""
     from data_prep import shift
     from helpers.parallel import run_jobs
 
     cfg = run.config
     categories = list(cfg.data.categories)
-    jobs, paths = [], []
     manifests = {draw: run.manifest(draw) for draw in {d for d, _ in needs}}
+    wanted: dict[Path, tuple] = {}
     for (draw, condition), split_names in sorted(needs.items()):
         manifest = manifests[draw]
         chosen = manifest[manifest["split"].isin(split_names) & manifest["category"].isin(categories)]
-        keys = set(chosen["image"])
         dst = run.shift_copy(draw, condition.mode, condition.transform, condition.severity)
-        paths.append(dst)
+        if dst in wanted:
+            wanted[dst][2].update(chosen["image"])
+        else:
+            wanted[dst] = (run.data_root(draw), condition, set(chosen["image"]))
+    jobs = []
+    for dst, (src, condition, keys) in wanted.items():
         have = shift.read_manifest(dst)
         if have is not None and shift.is_complete(dst, condition.transform, condition.severity, cfg.shift.seed,
                                                    categories, condition.mode):
             if keys <= set(have["image"]):
                 continue
             keys |= set(have["image"])
-        jobs.append((run.data_root(draw), dst, condition.transform, condition.severity, cfg.shift.seed,
-                     condition.mode, categories, keys))
+        jobs.append((src, dst, condition.transform, condition.severity, cfg.shift.seed, condition.mode, categories,
+                     keys))
     run_jobs(_shift_job, jobs, cfg.execution, desc="shift conditions", progress=progress)
-    return paths
+    return list(wanted)

@@ -68,3 +68,19 @@ def test_summary_and_report_tables(tmp_path):
         assert (tmp_path / f"baseline.{ext}").stat().st_size > 0
     assert "\\toprule" in (tmp_path / "baseline.tex").read_text()
     assert "0.850" in (tmp_path / "baseline.md").read_text() and "n/a" not in (tmp_path / "baseline.md").read_text()
+
+
+def test_draws_sharing_one_dataset_share_one_shifted_copy_holding_every_draws_images(tiny_mvtec, tmp_path,
+                                                                                      monkeypatch):
+    """Real data: draws are split seeds of the same images, so one copy per condition must hold the test images
+    of every draw (each draw's job writing only its own would leave the last one's)."""
+    from data_prep import prepare
+
+    run = tiny_run(tiny_mvtec, tmp_path, monkeypatch, draws=(0, 1))
+    condition = experiments.Condition("domain", "brightness", 3)
+    needs = {(0, condition): {"test"}, (1, condition): {"test"}}
+    [copy] = prepare.build_shifts(run, needs, progress=False)
+    for draw in (0, 1):
+        rows = experiments.rows_of(run, draw, ["alpha", "beta"], "test", condition)
+        assert all(p.is_file() for p in rows["image_path"]), f"draw {draw} misses shifted images"
+    assert run.shift_copy(0, "domain", "brightness", 3) == run.shift_copy(1, "domain", "brightness", 3) == copy
