@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup study test lab bench clean-runs
+.PHONY: setup study test lint lab bench notebooks-html clean-runs
 
 setup: $(STAMP)
 
@@ -21,14 +21,26 @@ $(STAMP): requirements.txt pyproject.toml
 study: setup
 	$(PY) -m helpers.study --profile $(PROFILE)
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check --no-cache helpers data_prep tests notebooks
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
+# The executed notebooks of the profile's run as HTML pages in its figures folder (notebooks/NN_name.html, published
+# to figures/notebooks/ by the runner), then checked: every local link resolves, and in headless Chromium, where
+# installed, every image loads.
+notebooks-html: setup
+	$(PY) -m helpers.render_notebooks --profile $(PROFILE)
+
 bench: setup
 	$(PY) -m helpers.bench patchcore --root data/synthetic --category hazelnut --n-train 100
 
+# Removes this profile's runs, and the staging folders and temporary files a killed run can leave behind.
 clean-runs:
-	rm -rf runs/$(PROFILE)
+	rm -rf runs/$(PROFILE)-*
+	find data cache -name '.synthetic-staging-*' -prune -exec rm -rf {} + 2>/dev/null || true
+	find cache -name '.*.tmp' -delete 2>/dev/null || true

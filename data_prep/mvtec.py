@@ -234,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         prepare(args.root, args.categories, args.archive, args.sha256)
-    except DatasetError as exc:
+    except (DatasetError, OSError) as exc:  # a bad archive or argument, no network, a full disk
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

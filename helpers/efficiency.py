@@ -7,22 +7,17 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import psutil
 import torch
 
 from helpers.detector import Detector
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 MB = 2 ** 20
-
-
-def check_categories(chosen: Sequence[str], categories: Sequence[str]) -> None:
-    """ValueError naming ``efficiency_categories`` when it is empty or not a subset of the run's categories."""
-    unknown = [c for c in chosen if c not in categories]
-    if not chosen or unknown:
-        raise ValueError(f"efficiency_categories must be a non-empty subset of categories {list(categories)}, "
-                         f"got {list(chosen)}")
 
 
 class PeakRSS:
@@ -112,3 +107,21 @@ def measure(detector_factory: Callable[[Path], Detector], train_paths: Sequence[
             "fit_gpu_peak_mb": fit_gpu_mb, "infer_gpu_peak_mb": infer_gpu_mb,
             "n_train": len(train_paths), "n_test": len(test_paths),
             "torch_threads": torch.get_num_threads()}  # CPU times depend on it as much as on the method
+
+
+def measure_method(run, method: str) -> "pd.DataFrame":
+    """:func:`measure` of the configured detector on each of ``efficiency.categories`` (first data draw, first
+    model seed): one row per category."""
+    import pandas as pd
+
+    from helpers import experiments, registry
+
+    cfg = run.config
+    config, draw = registry.configured(cfg, method), cfg.data.draws[0]
+    rows = []
+    for category in cfg.efficiency.categories or cfg.data.categories[:1]:
+        train = experiments.train_paths(run, draw, category)
+        test = list(experiments.rows_of(run, draw, category, "test")["image_path"])
+        measured = measure(lambda cache_dir: config.build(cache_dir=cache_dir), train, test)
+        rows.append({"method": method, "category": category, **measured})
+    return pd.DataFrame(rows)

@@ -1,125 +1,135 @@
-"""Experiment building blocks shared by the notebooks: the run context from the parameters cell, dataset
-preparation, fitted-model caching, and scoring a detector on clean or shifted splits into tidy rows.
+"""Experiment building blocks shared by the notebooks: conditions, the rows of a split in a condition's
+folder, fitted-model caching, and scoring a detector on clean or shifted splits into tidy rows (metrics per
+condition, and the score of every image, which the paired statistics resample).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from helpers import splits
-from helpers.data import load_mask
-from helpers.detector import Detector, Prediction, detector_class, load_detector, make_detector
+from helpers import registry, splits
+from helpers.data import load_mask, shift_labels
+from helpers.detector import Detector, Prediction, load_detector
 from helpers.features import file_digest
-from helpers.paths import CACHE, cache_key, resolve, result_path
+from helpers.paths import CACHE, Run, cache_key
+from helpers.registry import DetectorConfig
 
-CLEAN = ("none", 0)  # (transform, severity) of the unshifted data
+METRICS = ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_aupro"]
+CONDITION_COLUMNS = ["mode", "transform", "severity"]
 
 
-@dataclass
-class Context:
-    """What every notebook needs from its parameters cell, with paths resolved."""
+@dataclass(frozen=True, order=True)
+class Condition:
+    """A data condition: the clean data, or one MVTec-Shift copy (mode, transform, severity)."""
 
-    dataset: str
-    data_root: Path
-    categories: list[str]
-    backbone: str
-    image_size: int
-    out_dir: Path
-    figures_dir: Path
-    split_seed: int = 0
-    seeds: list[int] = field(default_factory=lambda: [0])
-    shift_root: Path | None = None
-    shift_seed: int = 0
-    device: str = "auto"
-    n_train: int | None = None
-
-    @classmethod
-    def from_params(cls, **p) -> "Context":
-        return cls(dataset=p["dataset"], data_root=resolve(p["data_root"]), categories=list(p["categories"]),
-                   backbone=p["backbone"], image_size=int(p["image_size"]), out_dir=resolve(p["out_dir"]),
-                   figures_dir=resolve(p["figures_dir"]), split_seed=int(p.get("split_seed", 0)),
-                   seeds=list(p.get("seeds", [0])),
-                   shift_root=resolve(p["shift_root"]) if p.get("shift_root") else None,
-                   shift_seed=int(p.get("shift_seed", 0)), device=p.get("device", "auto"),
-                   n_train=p.get("n_train"))
-
-    def table(self, name: str, filename: str = "results.csv", **params) -> Path:
-        return result_path(self.out_dir, name, filename, **params)
+    mode: str = "none"
+    transform: str = "none"
+    severity: int = 0
 
     @property
-    def manifest_path(self) -> Path:
-        return self.table("splits", "manifest.csv", dataset=self.dataset, seed=self.split_seed)
+    def is_clean(self) -> bool:
+        return self.transform == "none"
 
-    def manifest(self) -> pd.DataFrame:
-        return splits.load(self.manifest_path)
+    def labels(self) -> dict:
+        return {"mode": self.mode, "transform": self.transform, "severity": int(self.severity)}
 
-    def root_for(self, transform: str = "none", severity: int = 0) -> Path:
-        """The dataset folder of a condition: the clean data, or one MVTec-Shift copy."""
-        if (transform, severity) == CLEAN or severity == 0:
-            return self.data_root
-        if self.shift_root is None:
-            raise ValueError("shift_root is not set in the parameters")
-        from data_prep.shift import family_path
-
-        return family_path(self.shift_root, transform, severity, self.shift_seed)
+    def __str__(self) -> str:
+        return "clean" if self.is_clean else f"{self.transform} {self.severity} ({self.mode})"
 
 
-def prepare_dataset(ctx: Context, synthetic_seed: int = 0, **synthetic_kw) -> Path:
-    """Make sure the profile's dataset exists: generate the synthetic one, or fetch MVTec AD."""
-    if ctx.dataset == "synthetic":
-        from data_prep import synthetic
-
-        missing = [c for c in ctx.categories if not (ctx.data_root / c / "train" / "good").is_dir()]
-        if missing:
-            synthetic.generate(ctx.data_root, seed=synthetic_seed, categories=tuple(missing), **synthetic_kw)
-    elif ctx.dataset == "mvtec":
-        from data_prep import mvtec
-
-        mvtec.prepare(ctx.data_root, categories=tuple(ctx.categories))
-    else:
-        raise ValueError(f"dataset must be 'synthetic' or 'mvtec', got {ctx.dataset!r}")
-    return ctx.data_root
+CLEAN = Condition()
 
 
-def rows_of(manifest: pd.DataFrame, ctx: Context, category: str | Sequence[str], split: str,
-            transform: str = "none", severity: int = 0) -> pd.DataFrame:
-    """Manifest rows of a split, pointing into the condition's folder, with label overrides of the shift."""
-    root = ctx.root_for(transform, severity)
-    overrides = None
-    if root != ctx.data_root:
-        from data_prep.shift import label_overrides
+def shift_conditions(modes: Sequence[str], transforms: Sequence[str], severities: Sequence[int],
+                     include_clean: bool = True) -> list[Condition]:
+    shifted = [Condition(m, t, int(s)) for m in modes for t in transforms for s in severities]
+    return ([CLEAN] if include_clean else []) + shifted
 
-        overrides = label_overrides(root)
+
+def drop_conditions(run: Run, draw: int) -> list[Condition]:
+    """The conditions the drop study scores on one data draw: clean, and every configured shift in every mode
+    (modes listed in ``shift.first_draw_only`` on the first draw only; per-image mode for
+    ``shift.per_image_transforms``)."""
+    shift = run.config.shift
+    modes = [m for m in shift.modes if draw == run.config.data.draws[0] or m not in shift.first_draw_only]
+    conditions = [CLEAN]
+    for mode in modes:
+        transforms = shift.per_image_transforms if mode == "per_image" and shift.per_image_transforms else shift.transforms
+        conditions += shift_conditions([mode], transforms, shift.severities, include_clean=False)
+    return conditions
+
+
+def root_for(run: Run, draw: int, condition: Condition = CLEAN) -> Path:
+    """The dataset folder of a condition: one draw's clean data, or one of its MVTec-Shift copies."""
+    if condition.is_clean:
+        return run.data_root(draw)
+    return run.shift_copy(draw, condition.mode, condition.transform, condition.severity)
+
+
+def rows_of(run: Run, draw: int, category: str | Sequence[str], split: str,
+            condition: Condition = CLEAN, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Manifest rows of a split, pointing into the condition's folder, with the labels the shift left (a
+    defect moved out of the frame leaves a normal image)."""
+    manifest = run.manifest(draw) if manifest is None else manifest
+    root = root_for(run, draw, condition)
+    overrides = None if condition.is_clean else shift_labels(root)
     rows = splits.select(manifest, root, category, split, label_overrides=overrides)
-    if split == "train" and ctx.n_train:
-        rows = rows.iloc[: int(ctx.n_train)]
+    n_train = run.config.data.n_train
+    if split == "train" and n_train:
+        rows = rows.groupby("category", sort=False, group_keys=False).head(int(n_train)).reset_index(drop=True)
     return rows
 
 
-def fit_cached(method: str, settings: dict, train_paths: Sequence[Path], cache_dir: Path | None = None) -> Detector:
-    """Fit a detector, or load it when the same method, fit settings and training images were fitted before.
+def train_paths(run: Run, draw: int, category: str | Sequence[str], condition: Condition = CLEAN) -> list[Path]:
+    return list(rows_of(run, draw, category, "train", condition)["image_path"])
 
-    Settings the detector marks as inference-only (PatchCore's k) are left out of the key and applied after
-    loading, so sweeping them never re-fits.
-    """
-    inference_only = detector_class(method).INFERENCE_SETTINGS
-    fit_settings = {k: v for k, v in settings.items() if k not in inference_only}
-    key = cache_key(kind="model", method=method, settings=fit_settings, files=[file_digest(p) for p in train_paths])
-    path = Path(cache_dir or CACHE / "models") / f"{method}-{key}.safetensors"
+
+@lru_cache(maxsize=256)
+def _fit_settings(config: DetectorConfig) -> tuple[str, tuple[str, ...], dict]:
+    """(JSON of the settings a fit depends on, the inference-only setting names, every setting) of a configured
+    detector; built once per process, since building a detector can cost a second (PaDiM builds anomalib's
+    model)."""
+    import json
+
+    detector = config.build()
+    inference_only = type(detector).INFERENCE_SETTINGS
+    settings = detector.settings()
+    fit = {k: v for k, v in settings.items() if k not in inference_only}
+    return json.dumps(fit, sort_keys=True), inference_only, settings
+
+
+def model_path(config: DetectorConfig, train: Sequence[Path], cache_dir: Path | None = None) -> Path:
+    """Where the model of these settings and training images is cached. Settings the detector marks as
+    inference-only (PatchCore's k) are left out of the key, so sweeping them never re-fits."""
+    fit, _, _ = _fit_settings(config)
+    key = cache_key(kind="model", method=config.method, settings=fit, files=[file_digest(p) for p in train])
+    return Path(cache_dir or CACHE / "models") / f"{config.method}-{key}.safetensors"
+
+
+def fit_cached(config: DetectorConfig, train: Sequence[Path], cache_dir: Path | None = None) -> Detector:
+    """Fit a detector, or load it when the same method, fit settings and training images were fitted before."""
+    path = model_path(config, train, cache_dir)
+    _, inference_only, settings = _fit_settings(config)
     if path.is_file():
-        detector = load_detector(path)
+        try:
+            detector = load_detector(path, device=config.device)
+        except Exception as exc:  # noqa: BLE001 - an unreadable entry is refitted, never trusted
+            import logging
+
+            logging.getLogger(__name__).warning("model cache entry %s cannot be read (%s): refitting", path, exc)
+            path.unlink(missing_ok=True)
+            return fit_cached(config, train, cache_dir)
     else:
-        detector = make_detector(method, **settings)
-        detector.fit(list(train_paths))
+        detector = config.build().fit(list(train))
         detector.save(path)  # atomic (detector.write_model): parallel jobs and killed runs leave whole files
     for name in inference_only:
-        if name in settings:
-            setattr(detector, name, settings[name])
+        setattr(detector, name, settings[name])
     return detector
 
 
@@ -134,101 +144,218 @@ def score(detector: Detector, rows: pd.DataFrame) -> Prediction:
     return detector.predict(list(rows["image_path"]))
 
 
-def metric_row(rows: pd.DataFrame, prediction: Prediction, image_size: int) -> dict:
+def metric_row(rows: pd.DataFrame, prediction: Prediction, image_size: int, pixel: bool = True) -> dict:
+    """Every metric of one scored split; pixel metrics only with ``pixel`` (None otherwise, never invented).
+    Intervals are not per row: helpers.stats resamples the saved per-image scores, pooled over draws and seeds."""
     from helpers import metrics
 
     labels = rows["label"].to_numpy()
-    masks = masks_for(rows, image_size)
-    row = metrics.evaluate(labels, prediction.image_scores, masks,
-                           prediction.anomaly_maps if masks is not None else None)
-    # Interval over the test sample itself: the part of the spread that seeds cannot show.
-    row["image_auroc_lo"], row["image_auroc_hi"] = metrics.bootstrap_auroc(labels, prediction.image_scores)
-    return row
+    masks = masks_for(rows, image_size) if pixel else None
+    return metrics.evaluate(labels, prediction.image_scores, masks,
+                            prediction.anomaly_maps if masks is not None else None)
 
 
-def evaluate_conditions(detector: Detector, manifest: pd.DataFrame, ctx: Context, category: str,
-                        conditions: Iterable[tuple[str, int]], split: str = "test", **labels) -> pd.DataFrame:
-    """One tidy row per condition: the given labels (method, seed, ...), the condition and every metric."""
-    out = []
-    for transform, severity in conditions:
-        rows = rows_of(manifest, ctx, category, split, transform, severity)
+def score_rows(rows: pd.DataFrame, prediction: Prediction, **labels) -> pd.DataFrame:
+    """One row per image: its key, label and score, under the given labels (method, seed, condition...)."""
+    return pd.DataFrame({**labels, "category": rows["category"].to_numpy(), "image": rows["image"].to_numpy(),
+                         "defect_type": rows["defect_type"].to_numpy(), "label": rows["label"].to_numpy(),
+                         "score": prediction.image_scores.astype(float)})
+
+
+def evaluate_conditions(detector: Detector, run: Run, draw: int, category: str, conditions: Iterable[Condition],
+                        split: str = "test", pixel: bool | Iterable[Condition] = True,
+                        **labels) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per condition one tidy metrics row (the given labels, the condition, every metric), and the per-image
+    scores of every condition. ``pixel`` says where pixel metrics are computed: everywhere (True), nowhere
+    (False) or for the listed conditions."""
+    manifest = run.manifest(draw)
+    out, scores = [], []
+    for condition in conditions:
+        with_pixels = pixel if isinstance(pixel, bool) else condition in set(pixel)
+        rows = rows_of(run, draw, category, split, condition, manifest)
         start = time.perf_counter()
         prediction = score(detector, rows)
-        row = {**labels, "category": category, "transform": transform, "severity": severity, "split": split,
+        row = {**labels, "draw": int(draw), "category": category, **condition.labels(), "split": split,
                "n_images": len(rows), "n_anomalous": int(rows["label"].sum())}
-        row.update(metric_row(rows, prediction, prediction.anomaly_maps.shape[-1]))
+        row.update(metric_row(rows, prediction, prediction.anomaly_maps.shape[-1], with_pixels))
         row["predict_s"] = time.perf_counter() - start
         out.append(row)
-    return pd.DataFrame(out)
+        scores.append(score_rows(rows, prediction, **labels, draw=int(draw), **condition.labels(), split=split))
+    return pd.DataFrame(out), pd.concat(scores, ignore_index=True)
 
 
-def shift_conditions(transforms: Sequence[str], severities: Sequence[int], include_clean: bool = True):
-    conds = [CLEAN] if include_clean else []
-    return conds + [(t, int(s)) for t in transforms for s in severities]
+def _features_job(paths: Sequence[Path], backbone: str, image_size: int, device: str) -> int:
+    from helpers import backbones, features
+
+    features.extract(list(paths), backbone, image_size, backbones.spec(backbone).patch_stages, device=device)
+    return len(paths)
 
 
-METRICS = ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_aupro"]
+def prefetch_features(run: Run, image_sets: Iterable[Sequence[Path]], backbone: str | None = None,
+                      image_size: int | None = None, progress: bool = True) -> None:
+    """Fill the feature cache for every image of ``image_sets`` as parallel jobs, one per set, before the fits
+    and evaluations that read them: no two jobs then compute the same image."""
+    from helpers.parallel import run_jobs
+
+    cfg = run.config
+    seen: set[Path] = set()
+    jobs = []
+    for paths in image_sets:
+        fresh = [p for p in dict.fromkeys(paths) if p not in seen]
+        seen.update(fresh)
+        if fresh:
+            jobs.append((fresh, backbone or cfg.model.backbone, image_size or cfg.model.image_size, cfg.model.device))
+    run_jobs(_features_job, jobs, cfg.execution, desc="features", progress=progress)
 
 
-def train_paths(manifest: pd.DataFrame, ctx: Context, category: str | Sequence[str],
-                transform: str = "none", severity: int = 0) -> list[Path]:
-    return list(rows_of(manifest, ctx, category, "train", transform, severity)["image_path"])
+def _fit_job(config: DetectorConfig, paths: Sequence[Path]) -> None:
+    fit_cached(config, paths)
 
 
-def _fit_job(method: str, settings: dict, paths: Sequence[Path]) -> None:
-    fit_cached(method, settings, paths)
+def _evaluate_job(config: DetectorConfig, run: Run, draw: int, category: str, conditions: Sequence[Condition],
+                  split: str, labels: dict, pixel: bool | Sequence[Condition] = True
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    detector = fit_cached(config, train_paths(run, draw, category))
+    return evaluate_conditions(detector, run, draw, category, conditions, split, pixel, **labels)
 
 
-def _evaluate_job(method: str, settings: dict, ctx: Context, manifest: pd.DataFrame, category: str,
-                  conditions: Sequence[tuple[str, int]], split: str, labels: dict) -> pd.DataFrame:
-    detector = fit_cached(method, settings, train_paths(manifest, ctx, category))
-    return evaluate_conditions(detector, manifest, ctx, category, conditions, split, **labels)
+def run_method(run: Run, method: str, conditions: Sequence[Condition] | None = None,
+               draws: Sequence[int] | None = None, seeds: Sequence[int] | None = None, split: str = "test",
+               progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fit on clean train normals per (draw, seed, category) and evaluate every condition: the tidy shift-drop
+    table and the per-image scores behind it.
 
-
-def run_method(method: str, settings: dict, ctx: Context, manifest: pd.DataFrame,
-               conditions: Sequence[tuple[str, int]], seeds: Sequence[int] | None = None,
-               split: str = "test", shift_all_seeds: bool = True, progress: bool = True,
-               workers: int | None = 1) -> pd.DataFrame:
-    """Fit on clean train normals per (seed, category), evaluate every condition: the tidy shift-drop table.
-
-    With ``shift_all_seeds=False`` only the first seed is scored on the shifted conditions and the others on
-    clean data alone (the spread over seeds is reported for the clean baseline), which keeps CPU runs short.
-    Fits, then (seed, category, condition) evaluations, run as ``workers`` parallel jobs; the table is the
-    same for any number of workers.
+    Features of every image set are computed first (parallel jobs), then the fits, then one evaluation job per
+    (draw, seed, category) over all conditions. Image metrics come from every draw and model seed; pixel metrics
+    from every run on clean data and from the first draw and seed under shift (they need the full anomaly maps).
+    The tables are the same for any number of workers.
     """
     from helpers.parallel import run_jobs
 
-    seeds = list(seeds or ctx.seeds)
-    pairs = [(seed, cat) for seed in seeds for cat in ctx.categories]
-    run_jobs(_fit_job, [(method, {**settings, "seed": int(seed)}, train_paths(manifest, ctx, cat)) for seed, cat in pairs],
-             workers, desc=f"{method} fit", progress=progress)
+    cfg = run.config
+    draws = list(cfg.data.draws if draws is None else draws)
+    seeds = list(cfg.model.seeds if seeds is None else seeds)
+    triples = [(d, s, c) for d in draws for s in seeds for c in cfg.data.categories]
+    pairs = [(d, c) for d in draws for c in cfg.data.categories]
+    per_draw = {d: list(conditions) if conditions is not None else drop_conditions(run, d) for d in draws}
+    prefetch_features(run, [train_paths(run, d, c) for d, c in pairs]
+                      + [list(rows_of(run, d, c, split, cond)["image_path"]) for d, c in pairs for cond in per_draw[d]],
+                      progress=progress)
+    run_jobs(_fit_job, [(registry.configured(cfg, method, s), train_paths(run, d, c)) for d, s, c in triples],
+             cfg.execution, desc=f"{method} fit", progress=progress)
     jobs = []
-    for seed, category in pairs:
-        full = {**settings, "seed": int(seed)}
-        labels = dict(method=method, seed=int(seed), backbone=full.get("backbone"), image_size=full.get("image_size"))
-        wanted = conditions if shift_all_seeds or seed == seeds[0] else [c for c in conditions if c == CLEAN]
-        jobs += [(method, full, ctx, manifest, category, [condition], split, labels) for condition in wanted]
-    tables = run_jobs(_evaluate_job, jobs, workers, desc=f"{method} evaluate", progress=progress)
-    return pd.concat(tables, ignore_index=True)
+    for draw, seed, category in triples:
+        config = registry.configured(cfg, method, seed)
+        labels = dict(method=method, seed=int(seed), backbone=config.backbone, image_size=config.image_size)
+        # pixel metrics need every map: on clean data for every run, under shift for the first draw and seed
+        pixel = True if (seed, draw) == (seeds[0], draws[0]) else [c for c in per_draw[draw] if c.is_clean]
+        jobs.append((config, run, draw, category, per_draw[draw], split, labels, pixel))
+    results = run_jobs(_evaluate_job, jobs, cfg.execution, desc=f"{method} evaluate", progress=progress, memo=True)
+    return (pd.concat([m for m, _ in results], ignore_index=True),
+            pd.concat([s for _, s in results], ignore_index=True))
 
 
-def sweep(method: str, base: dict, grid: Sequence[dict], ctx: Context, manifest: pd.DataFrame,
-          conditions: Sequence[tuple[str, int]], seed: int = 0, progress: bool = True,
-          workers: int | None = 1) -> pd.DataFrame:
-    """Evaluate each override of ``base`` (e.g. ``{"k": 3}``) on each category and condition.
+def sweep_grid(run: Run, method: str) -> list[dict]:
+    """One override per swept value, the method's registered grid with the profile's ``sweep.grids`` on top;
+    values equal to the configured setting are left out (the default row stands for them)."""
+    from helpers import backbones
 
-    Rows carry ``param`` and ``value`` so one table holds every swept hyperparameter.
-    """
+    cfg = run.config
+    base = registry.configured(cfg, method)
+    grid = base.spec.sweep_grid(base.settings, base.backbone, base.image_size)
+    grid.update({k: list(v) for k, v in cfg.sweep.grids.get(method, {}).items()})
+    detector = base.build()
+    current = {**detector.settings(), "stages": list(detector.stages)}
+    overrides = []
+    for param, values in grid.items():
+        for value in values:
+            value = list(value) if isinstance(value, tuple) else value
+            if current.get(param) != value and {param: value} not in overrides:
+                overrides.append({param: value})
+    second = cfg.sweep.second_backbone
+    if second and second != cfg.model.backbone and backbones.is_available(second):
+        overrides.append({"backbone": second, "stages": None})
+    return overrides
+
+
+def _sweep_job(config: DetectorConfig, run: Run, draw: int, category: str, conditions: Sequence[Condition],
+               splits: Sequence[str], labels: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    detector = fit_cached(config, train_paths(run, draw, category))
+    results = [evaluate_conditions(detector, run, draw, category, conditions, split, [CLEAN], **labels)
+               for split in splits]
+    return (pd.concat([m for m, _ in results], ignore_index=True),
+            pd.concat([s for _, s in results], ignore_index=True))
+
+
+def sweep_conditions(run: Run) -> list[Condition]:
+    """Clean data and the sweep's shifts (domain mode): where each setting's robustness is measured."""
+    return [CLEAN, *(Condition("domain", t, int(s)) for t, s in run.config.sweep.shifts)]
+
+
+def sweep(run: Run, method: str, conditions: Sequence[Condition] | None = None, draw: int | None = None,
+          seed: int | None = None, splits: Sequence[str] = ("val", "test"),
+          progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Evaluate the configured detector and each one-parameter override on each category and condition, on the
+    validation split (where a setting may be chosen) and the test split (where it is reported).
+
+    Rows carry ``param`` and ``value`` (``default`` for the configured detector) so one table holds every
+    swept hyperparameter; pixel metrics are computed on clean data only. First data draw and model seed."""
     from helpers.parallel import run_jobs
 
+    cfg = run.config
+    draw = cfg.data.draws[0] if draw is None else draw
+    conditions = sweep_conditions(run) if conditions is None else list(conditions)
+    base = registry.configured(cfg, method, seed)
+    jobs, sizes = [], set()
+    for override in [{}, *sweep_grid(run, method)]:
+        param = "+".join(k for k in override if override[k] is not None) or "default"
+        value = "/".join(_label(v) for v in override.values() if v is not None) or "default"
+        labels = dict(method=method, seed=base.seed, param=param, value=value)
+        config = base.replace(**override)
+        sizes.add((config.backbone, config.image_size))
+        jobs += [(config, run, draw, category, conditions, list(splits), labels) for category in cfg.data.categories]
+    for backbone, image_size in sorted(sizes):  # another backbone or input size: its own features, filled first
+        sets = [train_paths(run, draw, c) for c in cfg.data.categories]
+        sets += [list(rows_of(run, draw, c, split, cond)["image_path"]) for c in cfg.data.categories
+                 for split in splits for cond in conditions]
+        prefetch_features(run, sets, backbone, image_size, progress=progress)
+    results = run_jobs(_sweep_job, jobs, cfg.execution, desc=f"{method} sweep", progress=progress, memo=True)
+    return (pd.concat([m for m, _ in results], ignore_index=True),
+            pd.concat([s for _, s in results], ignore_index=True))
+
+
+def matched_stages(run: Run) -> tuple[str, ...]:
+    """The stages every method shares in the matched comparison: ``sweep.matched_stages``, or else the first
+    method's default stages (PatchCore's stride-8 and stride-16 pair)."""
+    cfg = run.config
+    if cfg.sweep.matched_stages:
+        return tuple(cfg.sweep.matched_stages)
+    first = registry.configured(cfg, cfg.method_names[0])
+    return tuple(first.build().stages)
+
+
+def run_matched(run: Run, method: str, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """The method on the matched stages (same image size as every method), clean data, every draw and seed: one
+    row of the baseline beside its own defaults. None when its configured stages already are the matched ones
+    or it has no stages setting."""
+    import dataclasses
+
+    from helpers.parallel import run_jobs
+
+    cfg = run.config
+    base = registry.configured(cfg, method)
+    stages = matched_stages(run)
+    if "stages" not in {f.name for f in dataclasses.fields(base.settings)} or tuple(base.build().stages) == stages:
+        return None
+    triples = [(d, s, c) for d in cfg.data.draws for s in cfg.model.seeds for c in cfg.data.categories]
     jobs = []
-    for override in grid:
-        labels = dict(method=method, seed=int(seed), param="+".join(override),
-                      value="/".join(_label(v) for v in override.values()))
-        jobs += [(method, {**base, **override, "seed": int(seed)}, ctx, manifest, category, list(conditions), "test",
-                  labels) for category in ctx.categories]
-    tables = run_jobs(_evaluate_job, jobs, workers, desc=f"{method} sweep", progress=progress)
-    return pd.concat(tables, ignore_index=True)
+    for draw, seed, category in triples:
+        config = registry.configured(cfg, method, seed).replace(stages=list(stages))
+        labels = dict(method=method, seed=int(seed), variant="matched", stages="+".join(stages))
+        jobs.append((config, run, draw, category, [CLEAN], "test", labels, True))
+    results = run_jobs(_evaluate_job, jobs, cfg.execution, desc=f"{method} matched", progress=progress, memo=True)
+    return (pd.concat([m for m, _ in results], ignore_index=True),
+            pd.concat([s for _, s in results], ignore_index=True))
 
 
 def _label(value) -> str:
@@ -236,19 +363,21 @@ def _label(value) -> str:
 
 
 def clean_per_transform(df: pd.DataFrame) -> pd.DataFrame:
-    """Repeat the clean rows as severity 0 of every transform, so each curve starts at the clean value."""
+    """Repeat the clean rows as severity 0 of every (mode, transform), so each curve starts at the clean value."""
     clean = df[df["transform"] == "none"]
     shifted = df[df["transform"] != "none"]
-    copies = [clean.assign(transform=t) for t in sorted(shifted["transform"].unique())]
+    pairs = shifted[["mode", "transform"]].drop_duplicates().itertuples(index=False)
+    copies = [clean.assign(mode=m, transform=t) for m, t in pairs]
     return pd.concat([shifted, *copies], ignore_index=True)
 
 
 def summarise(df: pd.DataFrame, by: Sequence[str], metrics: Sequence[str] = METRICS) -> pd.DataFrame:
-    """Mean and standard deviation over seeds, as ``metric`` and ``metric_sd`` columns."""
+    """Mean and standard deviation over the rows of each group, as ``metric`` and ``metric_sd`` columns, and the
+    number of rows (``n``) they are over."""
     present = [m for m in metrics if m in df.columns and df[m].notna().any()]
     grouped = df.groupby(list(by))[present]
     out = grouped.mean().join(grouped.std(ddof=1).add_suffix("_sd")).reset_index()
-    out["n_seeds"] = df.groupby(list(by)).size().to_numpy()
+    out["n"] = df.groupby(list(by)).size().to_numpy()
     return out
 
 
@@ -269,15 +398,42 @@ def example_cases(rows: pd.DataFrame, prediction: Prediction, threshold: float, 
     return picked
 
 
-def stage_options(backbone: str, method: str) -> list[tuple[str, ...]]:
-    """The method's default stages first, then alternatives drawn from the stages the feature cache holds."""
-    from helpers.backbones import DEFAULT_STAGES
+def map_examples(run: Run, method: str, category: str, per_kind: int = 2):
+    """Test images worth looking at, for the first draw and seed: correctly passed normals, detected and missed
+    anomalies, judged at the oracle threshold (F1-optimal on the labelled validation split).
 
-    default = DEFAULT_STAGES[backbone][method]
-    cached = sorted({s for st in DEFAULT_STAGES[backbone].values() for s in st},
-                    key=lambda s: list(DEFAULT_STAGES[backbone]["padim"]).index(s))
-    if method == "patchcore":  # single stages and the shallower pair
-        options = [(cached[1],), (cached[2],), (cached[0], cached[1])]
-    else:  # without the shallowest stage (dropping the deepest leaves too few channels for n_features)
-        options = [tuple(cached[1:])]
-    return [default] + [o for o in options if o != default]
+    Returns ``(rows, prediction, threshold)`` of the picked images."""
+    from helpers import thresholds
+
+    draw = run.config.data.draws[0]
+    model = fit_cached(registry.configured(run.config, method), train_paths(run, draw, category))
+    val, test = rows_of(run, draw, category, "val"), rows_of(run, draw, category, "test")
+    threshold = thresholds.fit_threshold("f1_optimal", val["label"].to_numpy(), score(model, val).image_scores)
+    prediction = score(model, test)
+    picked = example_cases(test, prediction, threshold.value, per_kind)
+    chosen = Prediction(prediction.image_scores[picked], prediction.anomaly_maps[picked])
+    return test.iloc[picked].reset_index(drop=True), chosen, threshold.value
+
+
+def shift_needs(run: Run) -> dict[tuple[int, Condition], set[str]]:
+    """Which shifted copies the study scores, and which manifest splits each must hold: the drop study's test
+    split for every draw and condition; the sweep's test and validation splits (first draw); and for the
+    threshold regimes (first draw, domain mode) the calib split (the pool of target-domain normals that
+    recalibration, adaptation and refits draw from), the val split (the oracle and the labelled anomalies) and
+    the test split. No regime reads shifted training images."""
+    cfg = run.config
+    first = cfg.data.draws[0]
+    needs: dict[tuple[int, Condition], set[str]] = {}
+
+    def need(draw, condition, parts):
+        needs.setdefault((int(draw), condition), set()).update(parts)
+
+    for draw in cfg.data.draws:
+        for condition in drop_conditions(run, draw)[1:]:
+            need(draw, condition, {"test"})
+    for transform, severity in cfg.sweep.shifts:
+        need(first, Condition("domain", transform, int(severity)), {"val", "test"})
+    for transform in cfg.thresholds.transforms:
+        for severity in cfg.thresholds.severities:
+            need(first, Condition("domain", transform, int(severity)), {"calib", "val", "test"})
+    return needs

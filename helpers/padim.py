@@ -1,17 +1,33 @@
 """PaDiM as anomalib implements it (``PadimModel``), behind the study's :class:`~helpers.detector.Detector` API."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import anomalib
 import numpy as np
 import torch
-from anomalib.models.image.padim.torch_model import PadimModel
 
-from helpers import backbones, features
+from helpers import backbones, registry
+from helpers import patchcore as maps_module  # the shared bilinear-upsampling + Gaussian-blur operator
 from helpers.detector import Detector, Prediction, read_model, write_model
 from helpers.threads import one_torch_thread
+
+if TYPE_CHECKING:
+    from anomalib.models.image.padim.torch_model import PadimModel
+
+
+@dataclass(frozen=True)
+class PadimSettings:
+    """The profile block ``methods.padim``."""
+
+    n_features: int = 100  # random subset of embedding channels (anomalib's ``n_features``)
+    stages: tuple[str, ...] | None = None  # None: the backbone's stride-4, -8 and -16 stages
+
+
+def default_stages(backbone: str) -> tuple[str, ...]:
+    """The first three stages (ResNet's layer1..layer3), as in the paper."""
+    return tuple(backbones.spec(backbone).stage_names[0:3])
 
 
 class Padim(Detector):
@@ -23,7 +39,7 @@ class Padim(Detector):
                  image_size: int = 256, n_features: int = 100, seed: int = 0, device: str = "auto",
                  cache_dir: str | Path | None = None, batch_size: int = 16) -> None:
         self.backbone = backbone
-        self.stages = backbones.check_stages(backbone, stages or backbones.DEFAULT_STAGES[backbone]["padim"])
+        self.stages = backbones.check_stages(backbone, stages or default_stages(backbone))
         self.image_size = int(image_size)
         self.n_features = int(n_features)
         self.seed = int(seed)
@@ -32,7 +48,15 @@ class Padim(Detector):
         self.batch_size = batch_size  # images per embedding chunk: bounds memory, does not change results
         self.model = self._build_model().to(self.device).eval()
 
-    def _build_model(self) -> PadimModel:
+    @classmethod
+    def from_settings(cls, settings: PadimSettings, *, backbone: str, image_size: int, seed: int,
+                      device: str = "auto", cache_dir: str | Path | None = None) -> "Padim":
+        return cls(backbone=backbone, stages=settings.stages, image_size=image_size,
+                   n_features=settings.n_features, seed=seed, device=device, cache_dir=cache_dir)
+
+    def _build_model(self) -> "PadimModel":
+        from anomalib.models.image.padim.torch_model import PadimModel  # imported here: anomalib loads slowly
+
         # anomalib reads n_features=0 as "use the paper default", which does not exist for our backbones.
         if self.n_features < 1:
             raise ValueError(f"n_features must be >= 1, got {self.n_features}")
@@ -67,16 +91,9 @@ class Padim(Detector):
         return {"backbone": self.backbone, "stages": list(self.stages), "image_size": self.image_size,
                 "n_features": self.n_features, "seed": self.seed}
 
-    def _features(self, paths: Sequence[str | Path]) -> dict[str, torch.Tensor]:
-        return features.extract(list(paths), self.backbone, self.image_size, self.stages,
-                                device=str(self.device), cache_dir=self.cache_dir, progress=False)
-
     def _embedding(self, feats: dict[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
         chunk = {s: feats[s][start:stop].to(self.device) for s in self.stages}
         return self.model.generate_embedding(chunk)
-
-    def fit(self, paths: Sequence[str | Path]) -> "Padim":
-        return self.fit_features(self._features(paths))
 
     @torch.no_grad()
     def fit_features(self, feats: dict[str, torch.Tensor]) -> "Padim":
@@ -91,10 +108,13 @@ class Padim(Detector):
             embeddings[start:start + self.batch_size] = self._embedding(feats, start, start + self.batch_size)
         with one_torch_thread(self.device.type == "cpu"):  # anomalib loops over positions with tiny matrices
             self.model.gaussian.fit(embeddings)
+        # anomalib's inverse comes back transposed in memory; a saved and reloaded model is contiguous, and the
+        # Mahalanobis product rounds differently in the two layouts. Contiguous here, so a freshly fitted model
+        # and its cached copy give bit-identical scores.
+        gaussian = self.model.gaussian
+        gaussian.inv_covariance = gaussian.inv_covariance.contiguous()
+        gaussian.mean = gaussian.mean.contiguous()
         return self
-
-    def predict(self, paths: Sequence[str | Path]) -> Prediction:
-        return self.predict_features(self._features(paths))
 
     @torch.no_grad()
     def predict_features(self, feats: dict[str, torch.Tensor]) -> Prediction:
@@ -102,14 +122,21 @@ class Padim(Detector):
         if not self.is_fitted:
             raise RuntimeError("Padim.predict before fit (or load)")
         n = len(feats[self.stages[0]])
+        generator = self.model.anomaly_map_generator
+        with one_torch_thread(self.device.type == "cpu"):  # per-position products of 100-d matrices (threads.py)
+            return self._predict_batches(feats, n, generator)
+
+    def _predict_batches(self, feats: dict[str, torch.Tensor], n: int, generator) -> Prediction:
         scores, maps = [], []
         for start in range(0, n, self.batch_size):
-            # anomalib upsamples to the input image's size, which is image_size here.
-            anomaly_map = self.model.anomaly_map_generator(
-                embedding=self._embedding(feats, start, start + self.batch_size), mean=self.model.gaussian.mean,
-                inv_covariance=self.model.gaussian.inv_covariance, image_size=(self.image_size, self.image_size))
+            distance = generator.compute_distance(self._embedding(feats, start, start + self.batch_size),
+                                                  [self.model.gaussian.mean, self.model.gaussian.inv_covariance])
+            # anomalib then upsamples bilinearly to the input size and blurs with its GaussianBlur2d (sigma 4, as
+            # PatchCore's). Both are separable linear maps, applied here as two small matrix products: the same
+            # map to float32 rounding, and a small fraction of the cost of the 33 x 33 convolution.
+            anomaly_map = maps_module.anomaly_maps(distance[:, 0], self.image_size, maps_module.MAP_SIGMA)
             scores.append(torch.amax(anomaly_map, dim=(-2, -1)).flatten().cpu())
-            maps.append(anomaly_map[:, 0].cpu())
+            maps.append(anomaly_map.cpu())
         return Prediction(torch.cat(scores).numpy().astype(np.float32), torch.cat(maps).numpy().astype(np.float32))
 
     def save(self, path: str | Path) -> Path:
@@ -117,6 +144,8 @@ class Padim(Detector):
             raise RuntimeError("Padim.save before fit")
         tensors = {"mean": self.model.gaussian.mean, "inv_covariance": self.model.gaussian.inv_covariance,
                    "idx": self.model.idx}
+        import anomalib
+
         return write_model(path, tensors, self.method, self.settings(), anomalib_version=anomalib.__version__)
 
     @classmethod
@@ -127,3 +156,49 @@ class Padim(Detector):
         detector.model.gaussian.mean = tensors["mean"]
         detector.model.gaussian.inv_covariance = tensors["inv_covariance"]
         return detector
+
+    def gaussian(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position mean ``(D, P)`` and covariance ``(P, D, D)`` (inverted back from anomalib's stored
+        inverse, in float64)."""
+        if not self.is_fitted:
+            raise RuntimeError("Padim.gaussian before fit (or load)")
+        return self.model.gaussian.mean, torch.linalg.inv(self.model.gaussian.inv_covariance.double())
+
+    @torch.no_grad()
+    def adapted(self, feats: dict[str, torch.Tensor]) -> "Padim":
+        """This model with its per-position means re-estimated from the normal images ``feats`` and its inverse
+        covariances kept. A shift of the domain moves the features' centre far more than their spread can be
+        estimated from a few images (100-dimensional covariances from 5-40 images are mostly the 0.01 ridge
+        anomalib adds), so the covariances stay the source's; re-estimating both is the refit regime.
+        ``self`` is unchanged."""
+        import copy
+
+        if not self.is_fitted:
+            raise RuntimeError("Padim.adapted before fit (or load)")
+        n = len(feats[self.stages[0]])
+        if n < 1:
+            raise ValueError("Padim.adapted needs at least one image")
+        total = None
+        for start in range(0, n, self.batch_size):
+            chunk = self._embedding(feats, start, start + self.batch_size)
+            part = chunk.reshape(len(chunk), chunk.shape[1], -1).sum(0)
+            total = part if total is None else total + part
+        # Shallow copies with their own module and buffer tables: the backbone, the channel subset and the inverse
+        # covariances are shared with the source (nothing writes them after a fit); a deep copy of the whole
+        # model would cost more than everything else here.
+        gaussian = copy.copy(self.model.gaussian)
+        gaussian._buffers = dict(self.model.gaussian._buffers)
+        gaussian.mean = (total / n).contiguous()
+        model = copy.copy(self.model)
+        model._modules = {**self.model._modules, "gaussian": gaussian}
+        adapted = copy.copy(self)
+        adapted.model = model
+        return adapted
+
+
+SPEC = registry.register(registry.MethodSpec(
+    name="padim", detector=Padim, settings=PadimSettings, label="PaDiM", colour="C1", marker="s",
+    linestyle="--",
+    sweep_grid=lambda settings, backbone, image_size: {
+        "n_features": [50, 100], "image_size": [image_size, 256],
+        "stages": [list(default_stages(backbone)), list(default_stages(backbone)[1:])]}))

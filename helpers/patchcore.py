@@ -3,6 +3,7 @@ nearest-neighbour distance, computing what anomalib's ``PatchcoreModel`` compute
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import backbones, features
+from helpers import backbones, registry
 from helpers.detector import Detector, Prediction, read_model, write_model
 from helpers.threads import one_torch_thread
 
@@ -27,7 +28,7 @@ def patch_embedding(feats: dict[str, torch.Tensor], stages: Sequence[str],
     Each stage is averaged over 3x3 neighbourhoods, deeper stages are resized bilinearly to the first stage's
     grid and all are concatenated: anomalib's ``feature_pooler`` + ``generate_embedding``, op for op.
     """
-    # Channels-last gives bit-identical results 4x faster, and makes rows_of() a view instead of a copy.
+    # Channels-last gives bit-identical results faster, and makes rows_of() a view instead of a copy.
     pooled = [F.avg_pool2d(feats[s].float().contiguous(memory_format=torch.channels_last), 3, 1, 1) for s in stages]
     grid = pooled[0].shape[-2:]
     parts = [pooled[0]] + [F.interpolate(p, size=grid, mode="bilinear") for p in pooled[1:]]
@@ -82,10 +83,9 @@ def greedy_kcenter(points: torch.Tensor, n: int, start: int, block: int = 256) -
     refreshes the block with the largest bound against every centre it has not seen yet, until that block is
     up to date: its maximum is then the global one. A refresh is one (block x new centres) matrix product.
 
-    Why (measured on 2 cores for 10% of 102,400 patches, 128-d projections): the textbook loop is one
-    memory-bound pass over the bank per step, 28 s at best in float32 with torch (numpy 2.9x slower per step;
-    bfloat16/float16 matrix-vector products 1.5-1.8x slower, AMX only speeds up matrix-matrix products); here
-    the same arithmetic runs as cache-resident BLAS-3 and takes 5.5 s (anomalib's KCenterGreedy: 665 s).
+    Why: the textbook loop is one memory-bound pass over the bank per step (reduced-precision matrix-vector
+    products do not help it, and AMX only speeds up matrix-matrix products); here the same arithmetic runs as
+    cache-resident BLAS-3 (``helpers.bench`` times it against anomalib's KCenterGreedy in the same run).
     Pruning blocks by the triangle inequality was tried and skips almost nothing in 128 dimensions. Float32
     throughout, because reduced precision changes which points are picked; a different summation order than
     the one-pass loop only reorders picks that tie to float32 rounding (same set of 10,240).
@@ -93,7 +93,7 @@ def greedy_kcenter(points: torch.Tensor, n: int, start: int, block: int = 256) -
     N = len(points)
     if not 1 <= n <= N:
         raise ValueError(f"cannot select {n} of {N} points")
-    # One thread: OpenMP threads on two cores that other work also uses took 209 s instead of 5 s here.
+    # One thread: OpenMP threads on two cores that other work also uses stall each other by orders of magnitude.
     with one_torch_thread(points.device.type == "cpu"):
         return _greedy_kcenter(points, n, start, block)
 
@@ -149,7 +149,7 @@ def _bf16_parts(x: torch.Tensor) -> torch.Tensor:
 
 def fast_bf16_available() -> bool:
     """True where bfloat16 matrix products run several times faster than float32 ones: AMX tiles (Sapphire
-    Rapids and later) or AVX512-BF16 (Cooper Lake, Zen 4 and later; measured 3.3x float32 on 2 Zen 4 cores)."""
+    Rapids and later) or AVX512-BF16 (Cooper Lake, Zen 4 and later)."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     return any(bool(probe and probe()) for probe in probes)
 
@@ -158,14 +158,13 @@ class BankIndex:
     """Exact 1-nearest-neighbour search over the memory bank.
 
     On CPUs with fast bfloat16 products (AMX or AVX512-BF16), squared distances are first approximated by one
-    bfloat16 matrix product (~10x the speed of float32 with AMX, 3.3x with AVX512-BF16), then every bank row
+    bfloat16 matrix product (several times the speed of float32 there), then every bank row
     whose approximation lies within a rigorous rounding-error bound of the row's smallest approximation is
     re-scored in float32 and the best is kept. The result is the nearest neighbour in float32 (on the benchmark
     data it matched a float64 search everywhere, where faiss's float32 expansion misses near-ties). The bound
     uses the actual bfloat16 rounding residues of the bank rows and of each query, not their worst case, and
-    admits 1.5 (1 % coreset) to 2.7 (10 %) candidates per query on the benchmark's features. Search is then ~5x
-    faster than faiss's exact ``IndexFlatL2`` on AVX512-BF16 (0.55 s instead of 2.8 s for 51,200 queries against
-    10,240 rows on 2 Zen 4 cores), which is the fallback on CPUs without either; on CUDA a float32 matrix product
+    admits a few candidates per query on real features. faiss's exact ``IndexFlatL2`` is the fallback on CPUs
+    without fast bfloat16 (and the slower path: the README gives both timings); on CUDA a float32 matrix product
     does it (faiss-cpu has no GPU index). Every path returns the distance recomputed as ``sum((q - m)^2)``, so
     the backends agree to float32 rounding.
     """
@@ -227,13 +226,12 @@ class BankIndex:
     def _search_bf16(self, q: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Products and their reduction over ``chunk`` queries at a time, everything else per group of queries.
 
-        Where the time goes shaped this loop more than the arithmetic did (2 Zen 4 cores; 51,200 queries against
-        10,240 rows, 39,200 against 784). A fresh tensor of a few MB costs ~1.5 us of page faults per 4 kB, more
-        than the arithmetic it holds, so products and temporaries are sized for the heap to re-use their memory.
-        A torch call costs 10-100 us even on a few thousand elements, and switching torch to one thread and back
-        ~0.1 ms, so per-query bookkeeping runs once per group, and candidates are collected and re-scored with
-        numpy: single-threaded by nature, a few us per call, and it leaves no OpenMP region to stall when other
-        work shares the cores. Only the queries' preparation, the product and the one pass over it are torch's.
+        Where the time goes shaped this loop more than the arithmetic did. A fresh tensor of a few MB costs more
+        in page faults than the arithmetic it holds, so products and temporaries are sized for the heap to re-use
+        their memory. A torch call has a fixed cost that dwarfs a few thousand elements' work, and so does
+        switching torch to one thread and back, so per-query bookkeeping runs once per group, and candidates are
+        collected and re-scored with numpy: single-threaded by nature, cheap per call, and it leaves no OpenMP
+        region to stall when other work shares the cores. Only the queries' preparation, the product and the one pass over it are torch's.
         """
         d2 = np.empty(len(q), np.float32)
         idx = np.empty(len(q), np.int64)
@@ -353,8 +351,8 @@ def _map_operator(grid: int, image_size: int, sigma: float) -> torch.Tensor:
     """``(image_size, grid)`` matrix L such that ``L @ P @ L.T`` is the anomaly map of a square patch-score grid P.
 
     Bilinear upsampling (align_corners=False) and anomalib's ``GaussianBlur2d`` (reflect padding, a kernel that
-    is an outer product) are both separable and linear, so the whole map is two small matrix products: 40x
-    faster than running the blur as a convolution. L is built by applying the very same torch ops to the unit
+    is an outer product) are both separable and linear, so the whole map is two small matrix products, far
+    cheaper than running the blur as a convolution. L is built by applying the very same torch ops to the unit
     vectors, so it cannot drift from them.
     """
     eye = torch.eye(grid, dtype=torch.float64).unsqueeze(1)  # (grid, 1, grid): one unit vector per row
@@ -377,6 +375,22 @@ def anomaly_maps(patch_scores: torch.Tensor, image_size: int, sigma: float = MAP
 
 # --- detector -----------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class PatchCoreSettings:
+    """The profile block ``methods.patchcore``."""
+
+    coreset_ratio: float = 0.01  # share of training patches kept in the memory bank
+    k: int = 9  # bank neighbours of the image-score re-weighting (1: no re-weighting)
+    stages: tuple[str, ...] | None = None  # None: the backbone's stride-8 and stride-16 stages
+    projection_dim: int | None = 128  # random projection for the coreset distances
+    target_dim: int | None = None  # channel pooling of the embedding (the paper's reference code)
+
+
+def default_stages(backbone: str) -> tuple[str, ...]:
+    """The mid-level pair (ResNet's layer2 + layer3): the second and third of the backbone's stages."""
+    return tuple(backbones.spec(backbone).stage_names[1:3])
+
+
 class PatchCore(Detector):
     """Our PatchCore: memory bank from a fast exact greedy coreset, exact nearest-neighbour scoring."""
 
@@ -388,10 +402,10 @@ class PatchCore(Detector):
                  projection_dim: int | None = 128, seed: int = 0, device: str = "auto",
                  cache_dir: str | Path | None = None) -> None:
         self.backbone = backbone
-        default = backbones.DEFAULT_STAGES.get(backbone, {}).get("patchcore", ())
         order = list(backbones.spec(backbone).stages)
         # Shallowest first: its grid is the patch grid, the deeper stages are resized to it.
-        self.stages = tuple(sorted(backbones.check_stages(backbone, stages or default), key=order.index))
+        self.stages = tuple(sorted(backbones.check_stages(backbone, stages or default_stages(backbone)),
+                                   key=order.index))
         self.image_size = int(image_size)
         if not 0 < coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
@@ -409,6 +423,13 @@ class PatchCore(Detector):
         self.bank_sources: torch.Tensor | None = None
         self._index: BankIndex | None = None
 
+    @classmethod
+    def from_settings(cls, settings: PatchCoreSettings, *, backbone: str, image_size: int, seed: int,
+                      device: str = "auto", cache_dir: str | Path | None = None) -> "PatchCore":
+        return cls(backbone=backbone, stages=settings.stages, image_size=image_size,
+                   coreset_ratio=settings.coreset_ratio, k=settings.k, target_dim=settings.target_dim,
+                   projection_dim=settings.projection_dim, seed=seed, device=device, cache_dir=cache_dir)
+
     def settings(self) -> dict:
         # device and cache_dir change where and how fast, never what: they stay out, as in Padim.settings().
         return {"backbone": self.backbone, "stages": list(self.stages), "image_size": self.image_size,
@@ -418,13 +439,6 @@ class PatchCore(Detector):
     def embed(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """Backbone features ``{stage: (N, C, h, w)}`` to patch embeddings ``(N, D, h, w)`` on the device."""
         return patch_embedding({s: feats[s].to(self.device) for s in self.stages}, self.stages, self.target_dim)
-
-    def _features(self, paths: Sequence[str | Path]) -> dict[str, torch.Tensor]:
-        return features.extract(list(paths), self.backbone, self.image_size, self.stages,
-                                device=str(self.device), cache_dir=self.cache_dir, progress=False)
-
-    def fit(self, images: Sequence[str | Path]) -> "PatchCore":
-        return self.fit_features(self._features(images))
 
     @torch.no_grad()
     def fit_features(self, feats: dict[str, torch.Tensor]) -> "PatchCore":
@@ -437,9 +451,6 @@ class PatchCore(Detector):
         self.bank_sources = keep
         self._index = None
         return self
-
-    def predict(self, images: Sequence[str | Path]) -> Prediction:
-        return self.predict_features(self._features(images))
 
     def index(self) -> BankIndex:
         """The nearest-neighbour index over the memory bank, built on first use."""
@@ -484,3 +495,42 @@ class PatchCore(Detector):
         detector, tensors = read_model(cls, path, device, cache_dir)
         detector.memory_bank, detector.bank_sources = tensors["memory_bank"], tensors["bank_sources"].cpu()
         return detector
+
+    @torch.no_grad()
+    def patch_neighbours(self, feats: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Per test patch ``(N, h, w)``: its distance to the nearest bank entry and the training-patch row
+        (image-major) that entry was sampled from."""
+        emb = self.embed(feats)
+        n, _, h, w = emb.shape
+        d2, loc = self.index().search(rows_of(emb))
+        sources = self.bank_sources.to(loc.device)[loc]
+        return d2.sqrt().view(n, h, w).cpu().numpy(), sources.view(n, h, w).cpu().numpy()
+
+    @torch.no_grad()
+    def adapted(self, feats: dict[str, torch.Tensor]) -> "PatchCore":
+        """This model's memory bank plus a coreset (same ratio, same seed) of the patches of the normal images
+        ``feats``: the source domain stays covered and the new images' patches become neighbours too. The new
+        entries' ``bank_sources`` are -1 (they come from no source training image). ``self`` is unchanged."""
+        import copy
+
+        if self.memory_bank is None:
+            raise RuntimeError("PatchCore.adapted before fit (or load)")
+        patches = rows_of(self.embed(feats))
+        keep = torch.arange(len(patches))
+        if self.coreset_ratio < 1:
+            keep = coreset_indices(patches, self.coreset_ratio, self.projection_dim, self.seed)
+        added = patches[keep.to(patches.device)].to(self.memory_bank.device)
+        adapted = copy.copy(self)
+        adapted.memory_bank = torch.cat([self.memory_bank, added]).contiguous()
+        adapted.bank_sources = torch.cat([self.bank_sources.cpu(), torch.full((len(added),), -1, dtype=torch.long)])
+        adapted._index = None
+        return adapted
+
+
+SPEC = registry.register(registry.MethodSpec(
+    name="patchcore", detector=PatchCore, settings=PatchCoreSettings, label="PatchCore", colour="C0",
+    marker="o", linestyle="-",
+    sweep_grid=lambda settings, backbone, image_size: {
+        "coreset_ratio": [0.01, 0.1], "k": [1, 9], "image_size": [image_size, 256],
+        "stages": [list(default_stages(backbone)), *[[s] for s in default_stages(backbone)],
+                   list(backbones.spec(backbone).stage_names[0:2])]}))

@@ -1,85 +1,85 @@
-"""Assemble the study's tables and findings from saved result tables only (the report never recomputes a model)."""
+"""The paper's tables and REPORT.md, assembled from one run's saved result tables only (the report never
+recomputes a model). Every number the report states is formatted from a table that is exported beside it, so a
+test can trace each one back (tests/test_report.py)."""
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from helpers.paths import resolve, write_csv
+from helpers.paths import Run, atomic_write, write_csv
+
+# --- tables -------------------------------------------------------------------------------------------------
 
 
-def load_results(out_dir: str | Path, table: str) -> pd.DataFrame:
-    """Every ``results.csv`` under ``<out_dir>/results/<table>/``, concatenated; empty frame if none."""
-    folder = resolve(out_dir) / "results" / table
+def load_results(run: Run, table: str) -> pd.DataFrame:
+    """Every ``results.csv`` under the run's ``results/<table>/``, concatenated; empty frame if none. Only this
+    run's folder is read, so another configuration's results can never enter its tables."""
+    folder = run.dir / "results" / table
     frames = [pd.read_csv(p, keep_default_na=True) for p in sorted(folder.rglob("results.csv"))]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def write_table(df: pd.DataFrame, name: str, tables_dir: str | Path, caption: str, float_format: str = "%.3f") -> Path:
-    """The same table as CSV, Markdown and LaTeX (booktabs), with the caption kept beside it."""
+    """The same table as CSV, Markdown and LaTeX (booktabs), with the caption kept beside it. The CSV keeps full
+    precision; the Markdown and LaTeX copies round to ``float_format``."""
     folder = Path(tables_dir)
     write_csv(df, folder / f"{name}.csv")
-    (folder / f"{name}.md").write_text(f"{caption}\n\n{df.to_markdown(index=False, floatfmt=float_format[1:])}\n")
+    atomic_write(folder / f"{name}.md", lambda tmp: tmp.write_text(f"{caption}\n\n{markdown(df, float_format)}\n"))
     latex = df.to_latex(index=False, float_format=lambda x: float_format % x, caption=caption, label=f"tab:{name}",
-                        escape=True)
-    (folder / f"{name}.tex").write_text(latex)
+                        escape=True, na_rep="n/a")
+    atomic_write(folder / f"{name}.tex", lambda tmp: tmp.write_text(latex))
     return folder / f"{name}.csv"
 
 
-def markdown(df: pd.DataFrame) -> str:
+def markdown(df: pd.DataFrame, float_format: str = "%.3f") -> str:
     """A Markdown table with missing values shown as 'n/a' (tabulate would print 'nan')."""
-    return df.astype(object).where(df.notna(), "n/a").to_markdown(index=False)
+    shown = df.copy()
+    for col in shown.columns:
+        if pd.api.types.is_float_dtype(shown[col]):
+            shown[col] = [float_format % v if pd.notna(v) else np.nan for v in shown[col]]
+    return shown.astype(object).where(shown.notna(), "n/a").to_markdown(index=False, disable_numparse=True)
 
 
-def mean_sd(values: pd.Series) -> str:
-    values = values.dropna()
-    if values.empty:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values.iloc[0]:.3f}"
-    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+@dataclass
+class Table:
+    name: str
+    frame: pd.DataFrame
+    caption: str
 
 
-def baseline_table(shift_drop: pd.DataFrame) -> pd.DataFrame:
-    """Clean test split: method by category, mean ± sd over seeds, and the bootstrap interval of seed 0."""
-    clean = shift_drop[shift_drop["transform"] == "none"]
-    rows = []
-    for (method, category), g in clean.groupby(["method", "category"]):
-        first = g.sort_values("seed").iloc[0]
-        rows.append({"method": method, "category": category, "seeds": len(g),
-                     "image AUROC": mean_sd(g["image_auroc"]),
-                     "95% CI (bootstrap)": f"[{first.image_auroc_lo:.3f}, {first.image_auroc_hi:.3f}]",
-                     "image AP": mean_sd(g["image_ap"]), "image F1-max": mean_sd(g["image_f1max"]),
-                     "pixel AUROC": mean_sd(g["pixel_auroc"]), "pixel AUPRO": mean_sd(g["pixel_aupro"])})
-    return pd.DataFrame(rows)
+def num(value: float, digits: int = 3) -> str:
+    """How the report prints a number from a table: fixed digits (a test matches it back to the table)."""
+    return f"{value:.{digits}f}"
 
 
-def drop_table(shift_drop: pd.DataFrame, metric: str = "image_auroc") -> pd.DataFrame:
-    """Mean over categories and seeds of the metric per method, transform and severity, and its drop from clean."""
-    clean = shift_drop[shift_drop["transform"] == "none"].groupby(["method", "category", "seed"])[metric].mean()
-    shifted = shift_drop[shift_drop["transform"] != "none"].copy()
-    shifted["drop"] = [clean.get((r.method, r.category, r.seed), np.nan) - getattr(r, metric)
-                       for r in shifted.itertuples()]
-    out = shifted.groupby(["method", "transform", "severity"]).agg(
-        **{metric: (metric, "mean"), "drop": ("drop", "mean"), "drop_sd": ("drop", "std")}).reset_index()
+def interval(estimate: float, lo: float, hi: float, digits: int = 3) -> str:
+    return f"{num(estimate, digits)} [{num(lo, digits)}, {num(hi, digits)}]"
+
+
+def pct(value: float) -> str:
+    """A rate from a table as a percentage (the test divides by 100 again)."""
+    return f"{100 * value:.0f} %"
+
+
+def bullet(lines: Sequence[str]) -> str:
+    return "\n".join(f"- {line}" for line in lines if line)
+
+
+def flatten(config: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) pairs of a nested configuration mapping."""
+    out = []
+    for key, value in config.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out += flatten(value, name)
+        else:
+            out.append((name, value if not isinstance(value, list) else ", ".join(map(str, value))))
     return out
-
-
-def data_sizes(counts: pd.DataFrame) -> list[str]:
-    """'Images per category: ...' from notebook 00's split counts (category, defect_type, one column per split)."""
-    if counts.empty:
-        return []
-    splits = [s for s in ("train", "calib", "val", "test") if s in counts.columns]
-    normal = counts[counts["defect_type"] == "good"].groupby("category")[splits].sum()
-    total = counts.groupby("category")[splits].sum()
-    per_category = "; ".join(
-        f"{c}: " + ", ".join(f"{s} {total.loc[c, s]}" + (f" ({total.loc[c, s] - normal.loc[c, s]} anomalous)"
-                                                       if total.loc[c, s] > normal.loc[c, s] else "") for s in splits)
-        for c in total.index)
-    return [f"Images per category and split: {per_category}."]
 
 
 def hardware() -> str:
@@ -91,181 +91,66 @@ def hardware() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, torch {torch.__version__}"
 
 
-def sentence_compare(df: pd.DataFrame, metric: str, a: str, b: str, by: str = "category") -> str:
-    """'a' beats 'b' on k of n groups, from the mean over seeds; says so in plain numbers."""
-    means = df.groupby(["method", by])[metric].mean().unstack("method")
-    if a not in means or b not in means:
-        return f"({metric}: one of {a}, {b} has no results)"
-    diff = (means[a] - means[b]).dropna()
-    wins = int((diff > 0).sum())
-    return (f"{a} has the higher mean {metric.replace('_', ' ')} on {wins} of {len(diff)} {by} values "
-            f"(mean difference {diff.mean():+.3f}, range {diff.min():+.3f} to {diff.max():+.3f}).")
-
-
-def largest_drops(drop: pd.DataFrame, n: int = 3) -> list[str]:
-    worst = drop.sort_values("drop", ascending=False).head(n)
-    return [f"{r.method}, {r.transform} severity {r.severity}: image AUROC {r.image_auroc:.3f} "
-            f"(drop {r.drop:+.3f})" for r in worst.itertuples()]
-
-
-def bullet(lines: Sequence[str]) -> str:
-    return "\n".join(f"- {line}" for line in lines)
-
-
-def render(profile: str, dataset: str, data_root: str, categories: Sequence[str], backbone: str, image_size: int,
-           seeds: Sequence[int], timings: dict, results: dict[str, pd.DataFrame], baseline: pd.DataFrame,
-           drop: pd.DataFrame, figures_dir: Path) -> str:
-    """REPORT.md: setup, then each result with its numbers and only the findings those numbers support."""
-    total = sum(timings.values())
-    shift_drop = results["shift_drop"]
-    clean = shift_drop[shift_drop["transform"] == "none"]
-    parts = [
-        f"# Anomaly detection under shift: PatchCore vs PaDiM ({dataset})",
-        "## Setup",
-        bullet([f"Profile `{profile}`; dataset `{dataset}` at `{data_root}`; categories {', '.join(categories)}.",
-                *data_sizes(results.get("data_counts", pd.DataFrame())),
-                f"Backbone `{backbone}`, input {image_size} px; seeds {list(seeds)}.",
-                f"Hardware: {hardware()}.",
-                "Run time per notebook: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-                + f" (total {total:.0f} s)." if timings else "Run time: not recorded."]),
-        "## Clean baseline",
-        markdown(baseline),
-        "",
-        sentence_compare(clean, "image_auroc", "patchcore", "padim"),
-        sentence_compare(clean, "pixel_auroc", "patchcore", "padim"),
-        "![baseline](baseline.png)",
-        "## Drop under shift",
-        "Largest drops of image AUROC (mean over categories and seeds):",
-        bullet(largest_drops(drop)),
-        _drop_by_kind(drop),
-    ]
-    for method in sorted(drop["method"].unique()):
-        parts.append(f"![{method} drop](drop_heatmap_{method}.png)")
-    sweep = results.get("sweep", pd.DataFrame())
-    if len(sweep):
-        parts += ["## Hyperparameters, clean and under shift",
-                  "Image AUROC, mean over categories (seed 0), for each value of one hyperparameter with the others "
-                  "at their defaults; the second number is under the sweep's shift:",
-                  bullet(sweep_findings(sweep)), "![patchcore sweep](sweep_patchcore.png)", "![padim sweep](sweep_padim.png)"]
-    summary = results.get("threshold_summary", pd.DataFrame())
-    if len(summary):
-        from helpers.adaptation import recovery_medians
-
-        med = recovery_medians(summary)
-        parts += ["## Threshold regimes",
-                  "Median image F1 on the shifted test split over categories and shifts, and the median share of "
-                  "the F1 lost to shift that each adaptation recovers (1 = back to clean, below 0 = worse than "
-                  "not adapting), taken over the conditions where the shift cost more than 0.05 F1 "
-                  "(`conditions_with_drop` of `conditions`):",
-                  markdown(med.round(3)), "", "![regimes](threshold_regimes.png)"]
-        parts += threshold_findings(shift_drop, summary)
-    needed = results.get("threshold_needed", pd.DataFrame())
-    if len(needed):
-        reached = needed.dropna(subset=["n_needed"])
-        parts.append(f"Threshold-only recalibration reached its full-validation F1 (within 0.02, median of 20 draws) "
-                     f"in {len(reached)} of {len(needed)} cases; where it did, the median subset was "
-                     f"{reached.n_needed.median():.0f} validation images of which "
-                     f"{reached.n_anomalous_needed.median():.0f} anomalous." if len(reached) else
-                     "Threshold-only recalibration never reached its full-validation F1 with the subsets tried.")
-    unified = results.get("unified_metrics", pd.DataFrame())
-    if len(unified):
-        parts += ["## Unified model", markdown(unified.round(3)), ""]
-        parts += _unified_findings(results)
-    eff = results.get("efficiency", pd.DataFrame())
-    if len(eff):
-        means = eff.groupby("method")[["fit_s", "infer_ms_per_image", "model_bytes", "fit_peak_mb", "infer_peak_mb"]].mean()
-        means.insert(2, "model_mb", means.pop("model_bytes") / 2 ** 20)
-        measured = ", ".join(sorted(eff["category"].unique())) if "category" in eff else "n/a"
-        parts += ["## Efficiency",
-                  f"Each method fitted from scratch with an empty feature cache on {measured} and timed on its test "
-                  "split, one after the other in the same process (backbone included in both times):",
-                  markdown(means.round(1).reset_index()), ""]
-        if {"patchcore", "padim"} <= set(means.index):
-            cheaper_fit = means["fit_s"].idxmin()
-            smaller = means["model_mb"].idxmin()
-            faster = means["infer_ms_per_image"].idxmin()
-            parts.append(f"Fit is faster for {cheaper_fit}, inference for {faster}, the stored model is smaller for "
-                         f"{smaller} ({means.loc['patchcore', 'model_mb']:.1f} MiB memory bank against "
-                         f"{means.loc['padim', 'model_mb']:.1f} MiB of means and covariances).")
-    captions_path = Path(figures_dir) / "captions.json"
-    if captions_path.is_file():
-        import json
-
-        captions = json.loads(captions_path.read_text())
-        parts += ["## Figures", bullet([f"`{name}.png` / `.pdf`: {text}" for name, text in sorted(captions.items())])]
-    return "\n\n".join(parts) + "\n"
-
-
-GEOMETRIC = {"rotation", "translation", "scale", "perspective"}
-
-
-def sweep_findings(sweep: pd.DataFrame, metric: str = "image_auroc") -> list[str]:
-    """One line per swept hyperparameter: the metric clean / shifted at each value, and the value whose
-    drop under the shift is smallest (only when the values differ in drop by more than 0.005)."""
-    lines = []
-    condition = np.where(sweep["transform"] == "none", "clean", "shifted")
-    means = sweep.assign(condition=condition).groupby(["method", "param", "value", "condition"])[metric].mean()
-    table = means.unstack("condition")
-    for (method, param), g in table.groupby(level=["method", "param"]):
-        if len(g) < 2 or "shifted" not in g:
-            continue
-        values = g.droplevel(["method", "param"])
-        drop = values["clean"] - values["shifted"]
-        text = f"{method} `{param}`: " + "; ".join(f"{v} {r.clean:.3f} / {r.shifted:.3f}" for v, r in values.iterrows())
-        if drop.max() - drop.min() > 0.005:
-            text += f" (smallest drop at {drop.idxmin()}: {drop.min():+.3f}, largest at {drop.idxmax()}: {drop.max():+.3f})"
-        else:
-            text += " (the drop is the same for every value, within 0.005)"
-        lines.append(text + ".")
-    return lines
-
-
-def threshold_findings(shift_drop: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
-    """What the F1 medians hide: the F1 of flagging every test image, and the unadapted model's false alarms."""
-    if summary.empty:
-        return []
-    lines = []
-    if {"n_images", "n_anomalous"} <= set(shift_drop.columns):
-        p = float((shift_drop["n_anomalous"] / shift_drop["n_images"]).median())
-        lines.append(f"Flagging every test image would score F1 {2 * p / (1 + p):.3f} here ({100 * p:.0f} % of test "
-                     "images are anomalous), so an F1 near that value with an FPR near 1 is no detection at all.")
-    worst = summary.sort_values("fpr_none", ascending=False).iloc[0]
-    lines.append(f"Without adaptation the clean threshold flags up to {100 * worst.fpr_none:.0f} % of shifted normal "
-                 f"test images ({worst['method']}, {worst['transform']} {worst['severity']}, {worst['category']}, "
-                 f"{worst['policy']}) at F1 {worst.none:.3f}; recalibrating on the shifted validation split brings the FPR "
-                 f"to {100 * worst.fpr_threshold_only:.0f} % at F1 {worst.threshold_only:.3f}, re-fitting to "
-                 f"{100 * worst.fpr_full:.0f} % at F1 {worst.full:.3f}.")
-    return [bullet(lines)]
-
-
-def _drop_by_kind(drop: pd.DataFrame) -> str:
-    if drop.empty:
+def efficiency_times(eff: pd.DataFrame) -> str:
+    """The measured costs (seconds, milliseconds, MiB of peak memory) as a Markdown section for ``run_times.md``:
+    they change from run to run, so they stay out of the report and its tables."""
+    if eff.empty:
         return ""
-    kind = np.where(drop["transform"].isin(GEOMETRIC), "geometric",
-                    np.where(drop["transform"] == "mixed", "mixed", "photometric"))
-    by = drop.assign(kind=kind).groupby(["method", "kind"])["drop"].mean().unstack("kind")
-    return "Mean drop by kind of shift: " + "; ".join(
-        f"{m}: " + ", ".join(f"{k} {v:+.3f}" for k, v in row.dropna().items()) for m, row in by.iterrows()) + "."
+    cols = ["fit_s", "infer_ms_per_image", "fit_peak_mb", "infer_peak_mb"]
+    means = eff.groupby("method")[cols].mean().round(1).reset_index()
+    measured = ", ".join(sorted(eff["category"].unique()))
+    return ("## Cost of each method\n\nFitted from scratch with an empty feature cache on " + measured
+            + " and timed on its test split (backbone included); peak memory is the resident set above its level "
+            "at the start of each phase.\n\n" + markdown(means, "%.1f") + "\n")
 
 
-def _unified_findings(results: dict[str, pd.DataFrame]) -> list[str]:
-    lines = []
-    prov = results.get("unified_provenance", pd.DataFrame())
-    if len(prov):
-        for r in prov.itertuples():
-            lines.append(f"PatchCore unified, {r.category}: {100 * r.cross_share_normal:.1f} % of normal patches and "
-                         f"{100 * r.cross_share_anomalous:.1f} % of anomalous patches have their nearest neighbour in "
-                         f"another category; {100 * r.explained_away:.1f} % of anomalous patches are explained away "
-                         f"(cross-category neighbour and a score below the category's normal 99th percentile).")
-    fpr = results.get("unified_fpr_matrix", pd.DataFrame())
-    if len(fpr):
-        off = fpr[fpr["normal_of"] != fpr["threshold_of"]]
-        worst = off.sort_values("fpr", ascending=False).iloc[0]
-        lines.append(f"Judged with another category's threshold, normal images are flagged at up to "
-                     f"{100 * worst.fpr:.0f} % ({worst.method}: {worst.normal_of} normals against the "
-                     f"{worst.threshold_of} threshold).")
-    cov = results.get("unified_covariance", pd.DataFrame())
-    if len(cov):
-        lines.append("PaDiM's pooled covariance against the per-category one (trace ratio, mean over positions): "
-                     + ", ".join(f"{r.category} {r.trace_ratio:.2f}x" for r in cov.itertuples()) + ".")
-    return [bullet(lines)] if lines else []
+# --- every stated number from a table -------------------------------------------------------------------------
+
+_CODE = r"`[^`]*`"
+_LINK = r"!?\[[^\]]*\]\([^)]*\)"
+_DECIMAL = r"(?<![\w.])-?\d+\.\d+(?![\w.])"  # 0.926, -0.008; not 2.14.1 or blocks.2
+_PERCENT = r"(?<![\w.])(\d+) %"
+
+
+def stated_numbers(text: str) -> tuple[list[str], list[int]]:
+    """The decimals and percentages a report states, outside headings, code spans and links (names such as
+    `blocks.2`)."""
+    import re
+
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))  # not headings
+    prose = re.sub(_LINK, " ", re.sub(_CODE, " ", body))
+    return re.findall(_DECIMAL, prose), [int(p) for p in re.findall(_PERCENT, prose)]
+
+
+def table_values(tables_dir: str | Path) -> tuple[set[str], list[float]]:
+    """Every cell of every CSV table: numbers formatted as the report formats them (3 decimals), raw text cells,
+    and the numeric values themselves (for percentages)."""
+    formatted, values = set(), []
+    for path in sorted(Path(tables_dir).glob("*.csv")):
+        frame = pd.read_csv(path)
+        for col in frame.columns:
+            for v in frame[col].dropna():
+                if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+                    formatted.update({f"{float(v):.3f}", f"{float(v):.2f}", f"{float(v):.1f}"})
+                    values.append(float(v))
+                else:
+                    formatted.update(str(v).replace(",", " ").split())
+    return formatted, values
+
+
+def untraceable_numbers(text: str, tables_dir: str | Path) -> list[str]:
+    """The numbers a report states that no exported table holds (as printed, or as a percentage of a rate)."""
+    decimals, percents = stated_numbers(text)
+    formatted, values = table_values(tables_dir)
+    rates = {round(100 * v) for v in values if -10 <= v <= 10}
+    missing = [d for d in decimals if d not in formatted and d.lstrip("-") not in formatted]
+    missing += [f"{p} %" for p in percents if p not in rates]
+    return missing
+
+
+def without_images(text: str) -> str:
+    """The report's text without its figure lines, for showing it where its relative figure links do not resolve
+    (a notebook page)."""
+    import re
+
+    return re.sub(r"^!\[[^\]]*\]\([^)]*\)\s*$", "", text, flags=re.M)

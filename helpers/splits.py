@@ -1,5 +1,6 @@
-"""Deterministic split manifest: train normals for fitting, a normal-only calibration hold-out, and MVTec's
-test set divided into ``val`` (thresholds) and ``test`` (reporting), stratified by defect type.
+"""Deterministic split manifest: train normals for fitting, a normal-only calibration set (held out of the train
+normals, or MVTec AD 2's ``validation/good``), and the dataset's test set divided into ``val`` (thresholds) and
+``test`` (reporting), stratified by defect type.
 
 No threshold is ever fit on ``test``; every later notebook reads the manifest instead of listing folders.
 """
@@ -11,32 +12,52 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from helpers.data import Sample, list_samples
+from helpers.data import MVTEC_AD2, Sample, layout_of, list_samples, require_both_classes
 
 SPLITS = ("train", "calib", "val", "test")
 COLUMNS = ["category", "split", "label", "defect_type", "image", "mask"]
 
 
 def make_splits(root: str | Path, categories: Sequence[str], seed: int = 0, val_fraction: float = 0.5,
-                calib_fraction: float = 0.1) -> pd.DataFrame:
-    """One row per image; ``image``/``mask`` are relative to ``root`` so a shifted copy reuses the manifest."""
+                calib_fraction: float = 0.1, calib_size: int | None = None) -> pd.DataFrame:
+    """One row per image; ``image``/``mask`` are relative to ``root`` so a shifted copy reuses the manifest.
+
+    ``calib`` holds ``calib_size`` normals per category when given, else ``calib_fraction`` of them: carved from
+    the training normals (MVTec AD), or drawn from MVTec AD 2's own ``validation/good`` (all of it by default; a
+    ``calib_size`` draws that many and leaves the rest of that folder out of the manifest, never in ``train``).
+    A category whose test set lacks normals or anomalies raises a ``DatasetError`` naming it and its folder.
+    """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if not 0 <= calib_fraction < 1:
         raise ValueError(f"calib_fraction must be in [0, 1), got {calib_fraction}")
+    if calib_size is not None and (isinstance(calib_size, bool) or int(calib_size) != calib_size or calib_size < 0):
+        raise ValueError(f"calib_size must be a non-negative integer or None, got {calib_size!r}")
     root = Path(root)
     rows = []
     for category in categories:
         samples = list_samples(root, category)
+        require_both_classes(root, category, samples)
         # One generator per category, so adding a category never reshuffles another.
         rng = np.random.default_rng([seed, _stable_int(category)])
         train = [s for s in samples if s.split == "train"]
-        n_calib = int(round(calib_fraction * len(train)))
-        if n_calib >= len(train):
-            raise ValueError(f"{category}: calib_fraction {calib_fraction} leaves no training image")
-        calib_idx = set(rng.permutation(len(train))[:n_calib].tolist())
-        for i, s in enumerate(train):
-            rows.append(_row(root, s, "calib" if i in calib_idx else "train"))
+        shipped_calib = [s for s in samples if s.split == "calib"]
+        if layout_of(root, category) == MVTEC_AD2:
+            rows += [_row(root, s, "train") for s in train]
+            n_calib = len(shipped_calib) if calib_size is None else int(calib_size)
+            if n_calib > len(shipped_calib):
+                raise ValueError(f"{category}: calib_size {calib_size} exceeds the {len(shipped_calib)} images of "
+                                 f"its MVTec AD 2 validation/good folder")
+            chosen = set(rng.permutation(len(shipped_calib))[:n_calib].tolist())
+            rows += [_row(root, s, "calib") for i, s in enumerate(shipped_calib) if i in chosen]
+        else:
+            n_calib = int(round(calib_fraction * len(train))) if calib_size is None else int(calib_size)
+            if n_calib >= len(train):
+                given = f"calib_size {calib_size}" if calib_size is not None else f"calib_fraction {calib_fraction}"
+                raise ValueError(f"{category}: {given} leaves no training image (it has {len(train)} normals)")
+            calib_idx = set(rng.permutation(len(train))[:n_calib].tolist())
+            for i, s in enumerate(train):
+                rows.append(_row(root, s, "calib" if i in calib_idx else "train"))
         test = [s for s in samples if s.split == "test"]
         for defect in sorted({s.defect_type for s in test}):
             group = [s for s in test if s.defect_type == defect]

@@ -2,7 +2,7 @@
 
 Loops of small tensor operations (a greedy coreset step, anomalib's per-position covariance, a 256 px warp)
 gain nothing from intra-op threads on a 2-core machine, and OpenMP threads spinning on cores that other work
-also uses made them many times slower (measured: PaDiM's Gaussian fit 9.5 s on 2 threads, 5.0 s on one).
+also uses made them many times slower (PaDiM's Gaussian fit took about twice as long on two threads as on one).
 """
 from __future__ import annotations
 

@@ -1,24 +1,23 @@
-"""Decision thresholds fitted on validation scores only, evaluated on test scores, compared across the
-no-adaptation / threshold-only / full-refit regimes, and the number of validation images recalibration needs.
+"""Decision thresholds and what they achieve: estimators fitted on normal scores only (percentile, mean + k sigma,
+the conformal order statistic with its false-positive guarantee), the labelled F1-optimal oracle, and the
+metrics of a fixed threshold on a test split (FPR, TPR, balanced accuracy, MCC, F1, pixel SegF1).
+
+Nothing here reads a test split to fit: fitting functions take calibration scores, evaluation functions take the
+fitted value and the test scores.
 """
 from __future__ import annotations
 
-import itertools
+import math
 import warnings
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
-import pandas as pd
 
 from helpers.metrics import at_threshold, f1_max, pixel_at_threshold
 
 POLICIES = ("f1_optimal", "normal_percentile", "mean_3sigma")
 NORMAL_ONLY = ("normal_percentile", "mean_3sigma")
-# (a) clean model + clean-val threshold, (b) clean model + shifted-val threshold, (c) refit + shifted val.
-REGIMES = ("none", "threshold_only", "full")
-ROW_COLUMNS = ["regime", "policy", "policy_used", "note", "threshold", "pixel_threshold", "precision",
-               "recall", "f1", "fpr", "seg_f1", "n_val", "n_val_anomalous"]
 
 
 @dataclass(frozen=True)
@@ -151,83 +150,177 @@ def evaluate_at(threshold_img: Threshold | float, threshold_px: Threshold | floa
                 recall=image["recall"], f1=image["f1"], fpr=image["fpr"], seg_f1=seg_f1)
 
 
-def regime_rows(regimes: Mapping[str, tuple[ScoreSet, ScoreSet]], policies: Sequence[str] = POLICIES,
-                max_pixels: int = 2_000_000, seed: int = 0, **policy_kw) -> pd.DataFrame:
-    """One row per (regime, policy): thresholds fitted on each regime's validation ScoreSet, metrics on its
-    test ScoreSet. ``regimes`` maps a name (see REGIMES) to (val, test); the test set is only ever passed to
-    ``evaluate_at``. A pixel threshold is fitted when the validation set has masks and maps."""
-    rows = []
-    for regime, (val, test) in regimes.items():
-        val, test = ScoreSet(*val), ScoreSet(*test)
-        for policy in policies:
-            image = fit_threshold(policy, val.labels, val.scores, **policy_kw)
-            pixel, notes = None, [image.note]
-            if val.masks is not None and val.maps is not None:
-                pixel = fit_pixel_threshold(policy, val.masks, val.maps, max_pixels, seed, **policy_kw)
-                notes.append(f"pixel: {pixel.note}" if pixel.note else "")
-            rows.append(dict(regime=regime, policy=policy, policy_used=image.used,
-                             note="; ".join(n for n in notes if n),
-                             **evaluate_at(image, pixel, test.labels, test.scores, test.masks, test.maps),
-                             n_val=image.n_val, n_val_anomalous=image.n_anomalous))
-    return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
 
-def recovered_fraction(clean_f1: float, none_f1: float, adapted_f1: float, min_drop: float = 1e-6) -> float:
-    """(adapted - none) / (clean - none): the share of the F1 lost to the shift that adaptation wins back
-    (1 = all, 0 = none, <0 = adaptation hurt, >1 = beat the clean result). NaN when the shift cost at most
-    ``min_drop`` F1 (or clean - none is NaN): with no drop there is nothing to recover, and a ratio over a
-    near-zero drop is noise. Callers may raise ``min_drop`` to the F1 resolution of their test split."""
-    drop = clean_f1 - none_f1
-    if not drop > min_drop:
-        return float("nan")
-    return float((adapted_f1 - none_f1) / drop)
+# --- normal-only estimators -----------------------------------------------------------------------------
+
+ESTIMATOR_KINDS = ("normal_percentile", "mean_3sigma", "conformal")
 
 
-# --- how many validation images recalibration needs -----------------------------------------------------
+def conformal_rank(n: int, alpha: float) -> int:
+    """``ceil((n + 1)(1 - alpha))``: the rank (1 = smallest) of the normal score the conformal threshold sits on.
+    A hair is taken off before rounding up so that float rounding of an exact integer (20 x 0.95) never adds one."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    return math.ceil((n + 1) * (1 - alpha) - 1e-9)
 
-def recovery_curve(val_labels, val_scores, test_labels, test_scores, n_values: Sequence[int],
-                   n_anomalous_values: Sequence[int], policy: str, repeats: int = 20, seed: int = 0,
-                   **policy_kw) -> pd.DataFrame:
-    """Test F1 of thresholds fitted on random validation subsets of n images, n_anomalous of them anomalous,
-    for every (n, n_anomalous) in the grid of both lists, ``repeats`` draws each.
 
-    Draw r uses ``default_rng([seed, r])`` to permute normal and anomalous images once and takes the first
-    ones, so subsets are nested in n within a draw (a smoother curve) and no row depends on the rest of the
-    grid. Pairs the split cannot supply (too few images of a class, or no normal image) are skipped with one
-    warning. Fallbacks of f1_optimal show in ``policy_used`` instead of one warning per fit.
+def min_normals_for(alpha: float) -> int:
+    """Fewest normal scores for which the conformal threshold is finite: n >= (1 - alpha) / alpha (19 for 5 %,
+    99 for 1 %). Below it no order statistic guarantees FPR <= alpha and the threshold is infinite."""
+    n = 1
+    while conformal_rank(n, alpha) > n:
+        n += 1
+    return n
+
+
+def conformal_threshold(normal_scores, alpha: float) -> float:
+    """The split-conformal threshold: flag a score strictly above the ``conformal_rank(n, alpha)``-th smallest of
+    the ``n`` normal scores; ``inf`` (flag nothing) when that rank exceeds ``n``.
+
+    If a test normal's score and the ``n`` calibration scores are exchangeable, it exceeds that order statistic
+    with probability ``(n + 1 - rank) / (n + 1) <= alpha`` (ties only lower it), averaged over calibration draws:
+    a guarantee about the mean FPR over calibration sets, not about every single set. The value returned is the
+    next float above the order statistic, so the study's rule ``score >= threshold`` flags exactly the scores
+    strictly above it.
     """
-    val_labels, val_scores = _checked("val_labels", val_labels, bool), _checked("val_scores", val_scores, float)
-    normal_idx, anomalous_idx = np.flatnonzero(~val_labels), np.flatnonzero(val_labels)
-    pairs = [(int(n), int(a)) for n, a in itertools.product(n_values, n_anomalous_values)]
-    feasible = [(n, a) for n, a in pairs if 0 <= a <= len(anomalous_idx) and 1 <= n - a <= len(normal_idx)]
-    if not feasible:
-        raise ValueError(f"no (n, n_anomalous) pair fits a split of {len(normal_idx)} normal and "
-                         f"{len(anomalous_idx)} anomalous images")
-    if len(feasible) < len(pairs):
-        warnings.warn(f"skipped (n, n_anomalous) pairs the validation split cannot supply: "
-                      f"{sorted(set(pairs) - set(feasible))}", UserWarning, stacklevel=2)
-    rows = []
-    for repeat in range(repeats):
-        rng = np.random.default_rng([seed, repeat])
-        normal_order, anomalous_order = rng.permutation(normal_idx), rng.permutation(anomalous_idx)
-        for n, n_anomalous in feasible:
-            subset = np.concatenate([anomalous_order[:n_anomalous], normal_order[:n - n_anomalous]])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                threshold = fit_threshold(policy, val_labels[subset], val_scores[subset], **policy_kw)
-            rows.append(dict(n=n, n_anomalous=n_anomalous, repeat=repeat, policy_used=threshold.used,
-                             threshold=threshold.value,
-                             f1=at_threshold(test_labels, test_scores, threshold.value)["f1"]))
-    return pd.DataFrame(rows).sort_values(["n", "n_anomalous", "repeat"], ignore_index=True)
+    scores = np.sort(_checked("normal_scores", normal_scores, float).ravel())
+    if scores.size == 0:
+        raise ValueError("conformal_threshold needs at least one normal score")
+    rank = conformal_rank(scores.size, alpha)
+    if rank > scores.size:
+        return math.inf
+    return float(np.nextafter(scores[rank - 1], np.inf))
 
 
-def images_needed(curve: pd.DataFrame, target_f1: float, tolerance: float = 0.02,
-                  quantile: float = 0.5) -> tuple[int, int] | None:
-    """Smallest (n, n_anomalous) of a recovery curve whose ``quantile`` of test F1 over repeats (median by
-    default; lower quantiles ask that most draws succeed) reaches target_f1 - tolerance; among equal n the
-    one needing fewest anomalous images, as those are the costly ones. None if no pair does."""
-    reached = curve.groupby(["n", "n_anomalous"])["f1"].quantile(quantile) >= target_f1 - tolerance
-    if not reached.any():
-        return None
-    n, n_anomalous = min(reached[reached].index)
-    return int(n), int(n_anomalous)
+def conformal_expected_fpr(n: int, alpha: float) -> float:
+    """Mean FPR of the conformal threshold over calibration sets of ``n`` exchangeable continuous normals."""
+    rank = conformal_rank(n, alpha)
+    return 0.0 if rank > n else (n + 1 - rank) / (n + 1)
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A threshold rule fitted on normal scores only. ``param``: q in percent (normal_percentile), k sigmas
+    (mean_3sigma) or the target false-positive rate alpha (conformal)."""
+
+    kind: str
+    param: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in ESTIMATOR_KINDS:
+            raise ValueError(f"unknown estimator {self.kind!r}; known: {', '.join(ESTIMATOR_KINDS)}")
+
+    @property
+    def name(self) -> str:
+        if self.kind == "normal_percentile":
+            return f"percentile_{self.param:g}"
+        if self.kind == "mean_3sigma":
+            return f"mean_{self.param:g}sigma"
+        return f"conformal_{self.param:g}"
+
+    @property
+    def alpha(self) -> float:
+        """The false-positive rate the rule aims at: alpha for conformal, 1 - q/100 for a percentile (a target,
+        not a guarantee), NaN for mean + k sigma (which states none without a distribution)."""
+        if self.kind == "conformal":
+            return float(self.param)
+        if self.kind == "normal_percentile":
+            return round(1 - self.param / 100, 12)
+        return math.nan
+
+    @property
+    def min_normals(self) -> int:
+        """Normal scores the rule needs to give a number (the conformal rule gives ``inf`` below its minimum)."""
+        return 2 if self.kind == "mean_3sigma" else 1
+
+    def fit(self, normal_scores) -> float:
+        scores = _checked("normal_scores", normal_scores, float).ravel()
+        if scores.size < self.min_normals:
+            raise ValueError(f"{self.name} needs at least {self.min_normals} normal scores, got {scores.size}")
+        if self.kind == "normal_percentile":
+            return float(np.percentile(scores, self.param))
+        if self.kind == "mean_3sigma":
+            # Sample std (ddof=1): calibration sets are small and the population std would understate spread.
+            return float(scores.mean() + self.param * scores.std(ddof=1))
+        return conformal_threshold(scores, self.param)
+
+
+def estimators(kinds: Sequence[str], percentile: float = 99.0, sigmas: float = 3.0,
+               alphas: Sequence[float] = (0.01, 0.05)) -> list[Estimator]:
+    """The estimators a configuration asks for: one per kind, the conformal one once per alpha."""
+    out = []
+    for kind in kinds:
+        if kind == "conformal":
+            out += [Estimator(kind, float(a)) for a in alphas]
+        else:
+            out.append(Estimator(kind, float(percentile if kind == "normal_percentile" else sigmas)))
+    return out
+
+
+def balanced_optimal_threshold(normal_scores, anomalous_scores) -> float:
+    """The threshold of highest balanced accuracy on a small labelled set (the label-budget curve).
+
+    Candidates are the midpoints between consecutive distinct scores of the pooled set, one below all and one
+    just above all; ties go to the highest candidate (fewest false alarms). Without an anomalous score the
+    rule is just above the highest normal score, the limit of the same rule as anomalies run out.
+    """
+    normal = _checked("normal_scores", normal_scores, float).ravel()
+    anomalous = _checked("anomalous_scores", anomalous_scores, float).ravel()
+    if normal.size == 0:
+        raise ValueError("balanced_optimal_threshold needs at least one normal score")
+    if anomalous.size == 0:
+        return float(np.nextafter(normal.max(), np.inf))
+    values = np.unique(np.concatenate([normal, anomalous]))
+    candidates = np.concatenate([[values[0] - 1.0], (values[:-1] + values[1:]) / 2,
+                                 [np.nextafter(values[-1], np.inf)]])
+    tpr = (anomalous[None, :] >= candidates[:, None]).mean(axis=1)
+    tnr = (normal[None, :] < candidates[:, None]).mean(axis=1)
+    balanced = (tpr + tnr) / 2
+    best = np.flatnonzero(balanced == balanced.max())[-1]
+    return float(candidates[best])
+
+
+# --- what a fixed threshold achieves --------------------------------------------------------------------
+
+def flag_everything_f1(prevalence: float) -> float:
+    """F1 of flagging every image at anomaly prevalence p: 2p / (1 + p) (0.75 at 60 %)."""
+    return 2 * prevalence / (1 + prevalence)
+
+
+def image_metrics(labels, scores, threshold: float) -> dict:
+    """FPR, TPR, precision, F1, balanced accuracy and MCC of ``score >= threshold``, with the confusion counts.
+
+    Balanced accuracy is (TPR + TNR) / 2: 0.5 for flagging everything or nothing, whatever the prevalence. MCC
+    is 0 when the rule predicts one class only (its denominator is 0 there; no correlation is the usual reading).
+    """
+    counts = at_threshold(labels, scores, threshold)
+    tp, fp, tn, fn = (counts[k] for k in ("tp", "fp", "tn", "fn"))
+    tpr = tp / (tp + fn) if tp + fn else math.nan
+    tnr = tn / (tn + fp) if tn + fp else math.nan
+    denominator = math.sqrt(float(tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return dict(fpr=counts["fpr"], tpr=tpr, precision=counts["precision"], f1=counts["f1"],
+                balanced_accuracy=(tpr + tnr) / 2, mcc=(tp * tn - fp * fn) / denominator if denominator else 0.0,
+                tp=tp, fp=fp, tn=tn, fn=fn)
+
+
+class PixelCounter:
+    """SegF1 (pixel F1 over all pixels pooled) of one test split at any number of pixel thresholds, from one
+    sort of its anomalous and its normal pixels; equal to ``metrics.pixel_at_threshold(...)["f1"]``."""
+
+    def __init__(self, masks, maps) -> None:
+        masks, maps = _checked("masks", masks, bool), np.asarray(maps)
+        if masks.shape != maps.shape or masks.ndim != 3:
+            raise ValueError(f"masks {masks.shape} and maps {maps.shape} must be equal (N, H, W)")
+        self.anomalous = np.sort(maps[masks], kind="stable")
+        self.normal = np.sort(maps[~masks], kind="stable")
+
+    def seg_f1(self, threshold: float) -> float | None:
+        """None when the split has no anomalous pixel (undefined, as in ``metrics.evaluate``)."""
+        n_pos = self.anomalous.size
+        if n_pos == 0:
+            return None
+        tp = n_pos - int(np.searchsorted(self.anomalous, threshold, side="left"))
+        fp = self.normal.size - int(np.searchsorted(self.normal, threshold, side="left"))
+        denominator = 2 * tp + fp + (n_pos - tp)
+        return 2 * tp / denominator if denominator else 0.0

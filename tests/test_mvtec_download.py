@@ -69,7 +69,7 @@ def test_present_categories_are_skipped_without_reading_the_archive(tmp_path):
 def test_checksum_mismatch_extracts_nothing_and_keeps_the_local_file(tmp_path, capsys):
     archive = make_archive(tmp_path)
     root = tmp_path / "data"
-    assert main(["--root", str(root), "--categories", "alpha", "--archive", str(archive), "--sha256", "0" * 64]) == 1
+    assert main(["--root", str(root), "--categories", "alpha", "--archive", str(archive), "--sha256", "0" * 64]) == 2
     assert "checksum mismatch" in capsys.readouterr().err
     assert not any(root.iterdir())
     assert archive.is_file()

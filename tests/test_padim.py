@@ -12,12 +12,13 @@ from anomalib.models.image.padim.torch_model import PadimModel
 
 from helpers import backbones, efficiency
 from helpers.data import list_samples
-from helpers.detector import load_detector, make_detector
+from helpers import padim as padim_module
+from helpers.detector import load_detector
 from helpers.padim import Padim
 from tests.conftest import write_tiny_mvtec
 
 BACKBONE = "efficientnet_lite0"
-STAGES = backbones.DEFAULT_STAGES[BACKBONE]["padim"]
+STAGES = padim_module.default_stages(BACKBONE)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_fit_predict_shapes_and_defects_score_higher(tiny, fitted):
 def test_save_load_round_trip(tiny, fitted, tmp_path):
     detector, test = fitted, tiny[1]
     path = detector.save(tmp_path / "model" / "padim.safetensors")
-    loaded = load_detector(path)
+    loaded = load_detector(path, cache_dir=detector.cache_dir)
     assert isinstance(loaded, Padim)
     assert loaded.settings() == detector.settings() == {
         "backbone": BACKBONE, "stages": list(STAGES), "image_size": 64, "n_features": 50, "seed": 3}
@@ -89,7 +90,7 @@ def test_save_load_round_trip(tiny, fitted, tmp_path):
 
 
 def test_unfitted_model_refuses_to_predict_or_save(tmp_path):
-    detector = make_detector("padim", image_size=64, n_features=10, device="cpu")
+    detector = Padim(image_size=64, n_features=10, device="cpu")
     with pytest.raises(RuntimeError, match="before fit"):
         detector.predict_features({s: torch.zeros(1, 1, 1, 1) for s in STAGES})
     with pytest.raises(RuntimeError, match="before fit"):

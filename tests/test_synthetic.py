@@ -1,4 +1,5 @@
-"""The synthetic dataset: MVTec layout, exact masks, byte-for-byte reproducibility, and safe writing."""
+"""The synthetic dataset: MVTec layout, exact masks, byte-for-byte reproducibility, safe writing, and the wider
+canvas beside every image that MVTec-Shift warps instead of inventing a border."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import synthetic
+from data_prep import synthetic, validate
 from data_prep.synthetic import CATEGORIES, DEFECTS, generate, main, render_sample
 from helpers.data import list_categories, list_samples, load_image, load_mask
 
@@ -76,6 +77,44 @@ def test_mask_is_exactly_the_changed_pixels_and_matches_the_files(small_dataset)
                 np.testing.assert_array_equal(written, sample.image)
                 mask_file = small_dataset / category / "ground_truth" / defect / f"{stem}_mask.png"
                 np.testing.assert_array_equal(load_mask(mask_file), sample.mask)
+
+
+def test_every_image_is_the_centre_of_its_canvas_and_the_readers_ignore_canvases(small_dataset):
+    margin = synthetic.canvas_margin(64)
+    assert margin == 11  # CANVAS_MARGIN 0.17 of the side, rounded up
+    for category in CATEGORIES:
+        info = synthetic.read_canvas_info(small_dataset / category)
+        assert info["frame_size"] == 64 and info["margin"] == margin and info["seed"] == SEED
+        samples = list_samples(small_dataset, category)
+        assert len(samples) == SMALL["n_train"] + SMALL["n_test_good"] + SMALL["n_per_defect"] * 3
+        for sample in samples:
+            canvas = load_image(synthetic.canvas_path_for(small_dataset, sample.key))
+            assert canvas.shape == (64 + 2 * margin, 64 + 2 * margin, 3)
+            np.testing.assert_array_equal(synthetic.crop_to_frame(canvas, 64), load_image(sample.image_path))
+            # the margin is more of the scene, not a copy of the frame's edge
+            assert not np.array_equal(canvas[margin - 1], canvas[margin])
+            if sample.mask_path is not None:
+                canvas_mask = load_mask(synthetic.canvas_path_for(small_dataset, sample.key, mask=True))
+                np.testing.assert_array_equal(synthetic.crop_to_frame(canvas_mask, 64), load_mask(sample.mask_path))
+    assert validate.validate(small_dataset) == []
+
+
+def test_canvas_mask_is_exactly_the_changed_canvas_pixels():
+    for category in CATEGORIES:
+        for defect in DEFECTS[category]:
+            sample = render_sample(category, defect, 1, seed=SEED, size=64, canvas=True)
+            np.testing.assert_array_equal(sample.mask, (sample.image != sample.clean).any(axis=2))
+            assert synthetic.crop_to_frame(sample.mask, 64).any()  # every defect shows in the saved frame
+            frame = render_sample(category, defect, 1, seed=SEED, size=64)
+            np.testing.assert_array_equal(frame.image, synthetic.crop_to_frame(sample.image, 64))
+
+
+def test_a_broken_canvas_description_names_its_file(tmp_path):
+    (tmp_path / "carpet" / ".canvas").mkdir(parents=True)
+    (tmp_path / "carpet" / ".canvas" / "canvas.json").write_text("{\"margin\": 3}")
+    with pytest.raises(ValueError, match="canvas.json"):
+        synthetic.read_canvas_info(tmp_path / "carpet")
+    assert synthetic.read_canvas_info(tmp_path / "nothing") is None
 
 
 def test_good_samples_have_no_mask():

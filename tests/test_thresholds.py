@@ -1,14 +1,29 @@
-"""Thresholds: fitted on validation data only, hand-checked regimes, fallbacks, numpy references, recovery."""
-import warnings
+"""Thresholds: the conformal estimator's guarantee, normal-only estimators against numpy, metrics at a fixed
+threshold by hand, the labelled F1-optimal oracle and its fallbacks, pixel thresholds and SegF1."""
+import math
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from helpers import metrics
-from helpers.thresholds import (POLICIES, ScoreSet, Threshold, evaluate_at, fit_pixel_threshold,
-                                fit_threshold, images_needed, recovered_fraction, recovery_curve,
-                                regime_rows)
+from helpers.thresholds import (
+    POLICIES,
+    Estimator,
+    PixelCounter,
+    ScoreSet,
+    Threshold,
+    balanced_optimal_threshold,
+    conformal_expected_fpr,
+    conformal_rank,
+    conformal_threshold,
+    estimators,
+    evaluate_at,
+    fit_pixel_threshold,
+    fit_threshold,
+    flag_everything_f1,
+    image_metrics,
+    min_normals_for,
+)
 
 
 def scored_split(seed: int, n_normal: int, n_anomalous: int, shift: float = 0.0, gap: float = 1.5):
@@ -20,56 +35,6 @@ def scored_split(seed: int, n_normal: int, n_anomalous: int, shift: float = 0.0,
     masks[labels, 2:5, 3:6] = True
     maps = rng.normal(shift + gap * masks, 1.0)
     return ScoreSet(labels, scores, masks, maps)
-
-
-# --- (1) thresholds never see the test split ------------------------------------------------------------
-
-def test_regime_thresholds_come_from_validation_only():
-    val, test = scored_split(0, 30, 10), scored_split(1, 30, 10, shift=2.0)
-    assert fit_threshold("f1_optimal", val.labels, val.scores).value != metrics.f1_max(test.labels, test.scores)[1]
-    rows = regime_rows({"threshold_only": (val, test)}, policies=POLICIES).set_index("policy")
-    for policy in POLICIES:
-        assert rows.loc[policy, "threshold"] == fit_threshold(policy, val.labels, val.scores).value
-        assert rows.loc[policy, "pixel_threshold"] == fit_pixel_threshold(policy, val.masks, val.maps).value
-    assert rows.loc["f1_optimal", "threshold"] != metrics.f1_max(test.labels, test.scores)[1]
-
-    # Wildly different test arrays (other size, scale, order) move the metrics but never a threshold.
-    rng = np.random.default_rng(2)
-    wild = scored_split(3, 5, 50, shift=1e6, gap=-1e5)
-    wild = wild._replace(scores=wild.scores * rng.choice([-1e3, 1e3], wild.scores.size))
-    other = regime_rows({"threshold_only": (val, wild)}, policies=POLICIES).set_index("policy")
-    fitted = ["threshold", "pixel_threshold", "n_val", "n_val_anomalous", "policy_used", "note"]
-    pd.testing.assert_frame_equal(rows[fitted], other[fitted])
-    assert not rows["f1"].equals(other["f1"])
-
-
-# --- (2) each regime computes what it says, by hand -----------------------------------------------------
-
-def test_regimes_on_hand_built_scores():
-    test_labels = np.array([0, 0, 0, 1, 1, 1])
-    regimes = {
-        # clean model: clean val [1 2 3 | 5 6] for the threshold, shifted test for the evaluation
-        "none": (ScoreSet([0, 0, 0, 1, 1], [1, 2, 3, 5, 6]), ScoreSet(test_labels, [4, 5, 7, 6, 8, 10])),
-        # clean model, threshold from the shifted val (+3)
-        "threshold_only": (ScoreSet([0, 0, 0, 1, 1], [4, 5, 6, 8, 9]), ScoreSet(test_labels, [4, 5, 7, 6, 8, 10])),
-        # refitted model: its own shifted val and test scores
-        "full": (ScoreSet([0, 0, 0, 1, 1], [1, 2, 3, 6, 7]), ScoreSet(test_labels, [1, 2, 3, 6, 7, 8])),
-    }
-    rows = regime_rows(regimes, policies=["f1_optimal", "mean_3sigma"], k=1.0).set_index(["regime", "policy"])
-    expected = {  # threshold, precision, recall, f1, fpr
-        ("none", "f1_optimal"): (5, 3 / 5, 1, 3 / 4, 2 / 3),  # flags 5 7 6 8 10
-        ("threshold_only", "f1_optimal"): (8, 1, 2 / 3, 4 / 5, 0),  # flags 8 10
-        ("full", "f1_optimal"): (6, 1, 1, 1, 0),
-        # mean + 1 sample std of normals: [1 2 3] -> 2 + 1 = 3, [4 5 6] -> 5 + 1 = 6
-        ("none", "mean_3sigma"): (3, 1 / 2, 1, 2 / 3, 1),
-        ("threshold_only", "mean_3sigma"): (6, 3 / 4, 1, 6 / 7, 1 / 3),  # flags 7 6 8 10
-        ("full", "mean_3sigma"): (3, 3 / 4, 1, 6 / 7, 1 / 3),  # flags 3 6 7 8
-    }
-    for key, values in expected.items():
-        got = rows.loc[key, ["threshold", "precision", "recall", "f1", "fpr"]].to_numpy(float)
-        np.testing.assert_allclose(got, values, err_msg=str(key))
-    assert rows["seg_f1"].isna().all() and rows["pixel_threshold"].isna().all()
-    assert (rows["n_val"] == 5).all() and (rows["n_val_anomalous"] == 2).all() and (rows["note"] == "").all()
 
 
 def test_evaluate_at_pixel_seg_f1_by_hand():
@@ -89,7 +54,7 @@ def test_f1_optimal_matches_hand_answer():
         (0.6, "f1_optimal", "", 6, 2)
 
 
-# --- (3) no anomalous validation image ------------------------------------------------------------------
+# --- (1) no anomalous validation image ------------------------------------------------------------------
 
 def test_f1_optimal_without_anomalies_falls_back_loudly():
     scores = np.random.default_rng(0).normal(size=50)
@@ -102,14 +67,6 @@ def test_f1_optimal_without_anomalies_falls_back_loudly():
     with pytest.warns(UserWarning, match="mean_3sigma"):
         other = fit_threshold("f1_optimal", np.zeros(50, bool), scores, fallback="mean_3sigma")
     assert other.used == "mean_3sigma" and other.value > scores.max() - 1
-
-
-def test_fallback_reaches_regime_rows_and_pixels():
-    val = scored_split(0, 20, 0)
-    with pytest.warns(UserWarning):
-        row = regime_rows({"none": (val, scored_split(1, 20, 5))}, policies=["f1_optimal"]).iloc[0]
-    assert row["policy_used"] == "normal_percentile"
-    assert "no anomalous image" in row["note"] and "pixel: no anomalous pixel" in row["note"]
 
 
 def test_bad_inputs_raise_clearly():
@@ -129,7 +86,7 @@ def test_bad_inputs_raise_clearly():
         fit_pixel_threshold("normal_percentile", np.ones((2, 2, 2), bool), np.zeros((2, 2, 2)))
 
 
-# --- (4) normal-only policies against numpy -------------------------------------------------------------
+# --- (2) normal-only policies against numpy -------------------------------------------------------------
 
 @pytest.mark.parametrize("q", [50.0, 90.0, 99.0, 100.0])
 def test_normal_percentile_matches_numpy(q):
@@ -161,51 +118,7 @@ def test_pixel_policies_match_numpy():
     assert (pixel.n_val, pixel.n_anomalous) == (10, 4)
 
 
-def test_recovered_fraction():
-    assert recovered_fraction(0.9, 0.5, 0.8) == pytest.approx(0.75)
-    assert recovered_fraction(0.9, 0.5, 0.4) == pytest.approx(-0.25)
-    assert np.isnan(recovered_fraction(0.8, 0.8, 0.9))
-    assert np.isnan(recovered_fraction(0.7, 0.8, 0.9))
-
-
-# --- (5) recovery curve ---------------------------------------------------------------------------------
-
-def test_recovery_curve_is_deterministic_and_improves_with_more_images():
-    val, test = scored_split(5, 200, 50, gap=4.0), scored_split(6, 200, 50, gap=4.0)
-    args = (val.labels, val.scores, test.labels, test.scores, [3, 10, 40, 200], [0])
-    curve = recovery_curve(*args, "normal_percentile", repeats=30, seed=1)
-    pd.testing.assert_frame_equal(curve, recovery_curve(*args, "normal_percentile", repeats=30, seed=1))
-    assert not curve["threshold"].equals(recovery_curve(*args, "normal_percentile", repeats=30, seed=2)["threshold"])
-    assert len(curve) == 4 * 30 and list(curve.columns[:3]) == ["n", "n_anomalous", "repeat"]
-    # The 99th percentile of 3 normals sits low and flags many test normals; with more normals it settles
-    # near the true one, which separates these well-apart classes: mean F1 rises and the spread shrinks.
-    by_n = curve.groupby("n")["f1"]
-    assert by_n.mean().is_monotonic_increasing and by_n.mean().iloc[-1] > by_n.mean().iloc[0] + 0.05
-    assert by_n.std().iloc[-1] < by_n.std().iloc[0]
-
-
-def test_recovery_curve_skips_impossible_pairs_and_records_fallbacks():
-    val = scored_split(7, 10, 3)
-    with pytest.warns(UserWarning, match=r"\(5, 5\)"):
-        curve = recovery_curve(val.labels, val.scores, val.labels, val.scores, [5, 20], [0, 2, 5],
-                               "f1_optimal", repeats=3)
-    assert set(zip(curve["n"], curve["n_anomalous"])) == {(5, 0), (5, 2)}
-    assert set(curve.loc[curve["n_anomalous"] == 0, "policy_used"]) == {"normal_percentile"}
-    assert set(curve.loc[curve["n_anomalous"] == 2, "policy_used"]) == {"f1_optimal"}
-
-
-def test_images_needed_on_a_constructed_curve():
-    medians = {(5, 1): 0.60, (5, 3): 0.70, (10, 1): 0.78, (10, 3): 0.79, (20, 1): 0.90, (20, 3): 0.90}
-    curve = pd.DataFrame([dict(n=n, n_anomalous=a, repeat=r, f1=f1 + offset)
-                          for (n, a), f1 in medians.items() for r, offset in enumerate([-0.1, 0.0, 0.1])])
-    assert images_needed(curve, 0.80) == (10, 1)  # 0.78 is within 0.02
-    assert images_needed(curve, 0.80, tolerance=0.0) == (20, 1)
-    assert images_needed(curve, 0.80, quantile=0.0) == (20, 1)  # worst draw 0.80
-    assert images_needed(curve, 0.95) is None
-    assert images_needed(curve, 0.5) == (5, 1)
-
-
-# --- (6) pixel subsampling ------------------------------------------------------------------------------
+# --- (3) pixel subsampling ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_pixel_subsampling_is_deterministic(policy):
@@ -225,8 +138,104 @@ def test_pixel_subsampling_is_deterministic(policy):
     assert fit_pixel_threshold(policy, val.masks, val.maps, max_pixels=3200, seed=9) == full
 
 
-def test_recovery_curve_does_not_warn_per_fit():
-    val = scored_split(9, 10, 3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        recovery_curve(val.labels, val.scores, val.labels, val.scores, [5], [0], "f1_optimal", repeats=5)
+# --- (4) the conformal estimator and its guarantee ------------------------------------------------------
+
+def test_conformal_rank_and_the_smallest_calibration_sets():
+    # ceil((n + 1)(1 - alpha)): 20 x 0.95 is 19 exactly, float rounding must not make it 20.
+    assert conformal_rank(19, 0.05) == 19 and conformal_rank(18, 0.05) == 19 and conformal_rank(40, 0.05) == 39
+    assert (min_normals_for(0.05), min_normals_for(0.01), min_normals_for(0.1)) == (19, 99, 9)
+    scores = np.random.default_rng(0).normal(size=99)
+    # Below the minimum no order statistic keeps FPR <= alpha: the threshold is infinite and flags nothing.
+    assert conformal_threshold(scores[:18], 0.05) == math.inf and conformal_threshold(scores[:98], 0.01) == math.inf
+    # At the minimum it sits on the largest score; the study's 'score >= threshold' flags only scores above it.
+    assert conformal_threshold(scores[:19], 0.05) == np.nextafter(scores[:19].max(), np.inf)
+    assert conformal_threshold(scores, 0.01) == np.nextafter(scores.max(), np.inf)
+    assert conformal_threshold(scores[:40], 0.05) == np.nextafter(np.sort(scores[:40])[38], np.inf)
+    assert conformal_expected_fpr(40, 0.05) == pytest.approx(2 / 41) and conformal_expected_fpr(18, 0.05) == 0.0
+    with pytest.raises(ValueError, match="alpha"):
+        conformal_threshold(scores, 1.5)
+    with pytest.raises(ValueError, match="at least one"):
+        conformal_threshold([], 0.05)
+
+
+def _achieved_fpr(fit, n: int, draws: int = 4000, n_test: int = 100, seed: int = 0, discrete: bool = False):
+    """Mean over calibration draws of the FPR on fresh normals drawn from the same (heavy-tailed) distribution."""
+    rng = np.random.default_rng(seed)
+    calib = rng.lognormal(0.0, 1.0, (draws, n))
+    test = rng.lognormal(0.0, 1.0, (draws, n_test))
+    if discrete:  # many ties: scores on a coarse grid
+        calib, test = np.round(calib), np.round(test)
+    values = np.array([fit(row) for row in calib])
+    return float((test >= values[:, None]).mean())
+
+
+@pytest.mark.parametrize("n, alpha", [(19, 0.05), (40, 0.05), (100, 0.05), (99, 0.01), (200, 0.01), (30, 0.1)])
+def test_conformal_threshold_keeps_the_mean_fpr_at_most_alpha(n, alpha):
+    achieved = _achieved_fpr(lambda s: conformal_threshold(s, alpha), n)
+    # 4000 x 100 test normals: the Monte Carlo error of the mean is about 0.001 here.
+    assert achieved <= alpha + 0.004
+    assert achieved == pytest.approx(conformal_expected_fpr(n, alpha), abs=0.004), "the guarantee is tight"
+
+
+def test_conformal_threshold_keeps_its_promise_with_ties_and_flags_nothing_below_its_minimum():
+    assert _achieved_fpr(lambda s: conformal_threshold(s, 0.05), 40, discrete=True) <= 0.05 + 0.004
+    assert _achieved_fpr(lambda s: conformal_threshold(s, 0.05), 18) == 0.0
+    # The 99th percentile of 20 normals sits at about their maximum: it flags ~5 % of new normals, not 1 %.
+    percentile = Estimator("normal_percentile", 99.0)
+    assert _achieved_fpr(percentile.fit, 20) > 0.03
+
+
+# --- (5) the other estimators, by name and against numpy ------------------------------------------------
+
+def test_estimators_fit_what_they_say():
+    rng = np.random.default_rng(3)
+    scores = rng.gamma(2.0, size=50)
+    chosen = estimators(["normal_percentile", "mean_3sigma", "conformal"], percentile=95.0, sigmas=2.0,
+                        alphas=(0.01, 0.05))
+    assert [e.name for e in chosen] == ["percentile_95", "mean_2sigma", "conformal_0.01", "conformal_0.05"]
+    assert chosen[0].fit(scores) == pytest.approx(np.percentile(scores, 95))
+    assert chosen[1].fit(scores) == pytest.approx(scores.mean() + 2 * scores.std(ddof=1))
+    assert chosen[2].fit(scores) == math.inf and chosen[3].fit(scores) == conformal_threshold(scores, 0.05)
+    assert [e.alpha for e in chosen[::2]] == [pytest.approx(0.05), 0.01] and math.isnan(chosen[1].alpha)
+    with pytest.raises(ValueError, match="youden"):
+        Estimator("youden", 1.0)
+    with pytest.raises(ValueError, match="mean_3sigma needs at least 2"):
+        Estimator("mean_3sigma", 3.0).fit([1.0])
+
+
+def test_balanced_optimal_threshold_by_hand():
+    normal = [1.0, 2.0, 3.0]
+    # No anomaly: just above the highest normal, so none of them is flagged.
+    assert balanced_optimal_threshold(normal, []) == np.nextafter(3.0, np.inf)
+    # Candidates 0, 1.5, 2.25, 2.75, 4, >5 give balanced accuracy .5, .67, .83, .75, .75, .5.
+    assert balanced_optimal_threshold(normal, [2.5, 5.0]) == 2.25
+    assert balanced_optimal_threshold(normal, [4.0, 5.0]) == 3.5  # separable: the gap's midpoint
+    with pytest.raises(ValueError, match="at least one normal"):
+        balanced_optimal_threshold([], [1.0])
+
+
+# --- (6) metrics at a fixed threshold -------------------------------------------------------------------
+
+def test_image_metrics_by_hand():
+    labels, scores = [0, 0, 0, 1, 1], [0.1, 0.5, 0.9, 0.6, 0.2]
+    got = image_metrics(labels, scores, 0.5)  # flags 0.5, 0.9 (normal) and 0.6 (anomalous)
+    assert (got["tp"], got["fp"], got["tn"], got["fn"]) == (1, 2, 1, 1)
+    assert got["tpr"] == 0.5 and got["fpr"] == pytest.approx(2 / 3) and got["f1"] == pytest.approx(0.4)
+    assert got["balanced_accuracy"] == pytest.approx((0.5 + 1 / 3) / 2)
+    assert got["mcc"] == pytest.approx((1 * 1 - 2 * 1) / math.sqrt(3 * 2 * 3 * 2))
+    nothing, everything = image_metrics(labels, scores, math.inf), image_metrics(labels, scores, -math.inf)
+    assert nothing["balanced_accuracy"] == everything["balanced_accuracy"] == 0.5
+    assert nothing["mcc"] == everything["mcc"] == 0.0 and nothing["f1"] == 0.0
+    # Flagging everything earns F1 2p/(1+p) at prevalence p, however bad the rule.
+    assert everything["f1"] == pytest.approx(flag_everything_f1(0.4)) and flag_everything_f1(0.6) == pytest.approx(0.75)
+
+
+def test_pixel_counter_equals_seg_f1_at_every_threshold():
+    rng = np.random.default_rng(5)
+    masks = np.zeros((6, 12, 12), bool)
+    masks[1:4, 3:7, 2:8] = True
+    maps = np.round(rng.normal(masks * 1.5, 1.0), 1)  # rounded: ties at the thresholds tried
+    counter = PixelCounter(masks, maps)
+    for threshold in [-math.inf, *np.unique(maps)[::7], 0.35, math.inf]:
+        assert counter.seg_f1(threshold) == pytest.approx(metrics.pixel_at_threshold(masks, maps, threshold)["f1"])
+    assert PixelCounter(np.zeros_like(masks), maps).seg_f1(0.0) is None
