@@ -27,8 +27,16 @@ from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
 from data_prep import synthetic
-from helpers.data import (SHIFT_MANIFEST, DatasetError, Sample, list_categories, list_samples, load_image, load_mask,
-                          mask_path_for)
+from helpers.data import (
+    SHIFT_MANIFEST,
+    DatasetError,
+    Sample,
+    list_categories,
+    list_samples,
+    load_image,
+    load_mask,
+    mask_path_for,
+)
 from helpers.paths import shift_copy_path, write_csv
 from helpers.threads import one_torch_thread
 

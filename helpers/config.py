@@ -487,7 +487,7 @@ def check(config: StudyConfig, source: str) -> None:
     if unknown:
         bad("efficiency.categories", f"must be a subset of data.categories, got {sorted(unknown)}")
     _check_unified(config, bad)
-    for name, grid in config.sweep.grids.items():
+    for name in config.sweep.grids:
         if name not in config.methods:
             bad(f"sweep.grids.{name}", f"names no method of this study ({', '.join(config.methods)})")
     _check_thresholds(config, bad)

@@ -60,7 +60,8 @@ def drop_conditions(run: Run, draw: int) -> list[Condition]:
     modes = [m for m in shift.modes if draw == run.config.data.draws[0] or m not in shift.first_draw_only]
     conditions = [CLEAN]
     for mode in modes:
-        transforms = shift.per_image_transforms if mode == "per_image" and shift.per_image_transforms else shift.transforms
+        per_image = mode == "per_image" and shift.per_image_transforms
+        transforms = shift.per_image_transforms if per_image else shift.transforms
         conditions += shift_conditions([mode], transforms, shift.severities, include_clean=False)
     return conditions
 

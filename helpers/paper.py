@@ -93,7 +93,8 @@ def shift_drop(drops: pd.DataFrame, severity_table: pd.DataFrame) -> Table:
         frame = drops.merge(flags, on=["transform", "severity"], how="left")
     frame.insert(3, "kind", frame["transform"].map(kind_of))
     return Table("shift_drop", frame,
-                 "Image AUROC clean and shifted and the drop (clean minus shifted on the same test images), 95 % paired "
+                 "Image AUROC clean and shifted and the drop (clean minus shifted on the same test images), 95 % "
+                 "paired "
                  "bootstrap interval pooled over data draws, categories (n_units) and model seeds (n_seeds); "
                  "inside_<category>: the severity lies within the variation that category's training images have.")
 
@@ -136,7 +137,8 @@ def mode_difference(scores: pd.DataFrame, n_resamples: int = 1000) -> Table:
                      "difference_lo": ci.lo, "difference_hi": ci.hi, "excludes_zero": ci.excludes_zero,
                      "n_units": ci.n_units, "n_seeds": ci.n_replicates})
     return Table("mode_difference", pd.DataFrame(rows),
-                 "Image AUROC under a domain shift (one rig for every image) minus under the per-image shift of the same "
+                 "Image AUROC under a domain shift (one rig for every image) minus under the per-image shift of the "
+                 "same "
                  "transform and severity, on the same images of the draws scored in both modes; 95 % paired interval.")
 
 
@@ -172,7 +174,8 @@ def hazelnut_rotation(drops_by_category: pd.DataFrame, category: str = "hazelnut
             row["rotation_at_most_a_photometric_shift"] = by["rotation"].drop <= row["largest_photometric_drop"]
         rows.append(row)
     return Table(f"{category}_rotation", pd.DataFrame(rows),
-                 f"{category}: image AUROC drop under rotation (on the generator's canvas) beside each photometric shift "
+                 f"{category}: image AUROC drop under rotation (on the generator's canvas) beside each photometric "
+                 f"shift "
                  "of the same severity, per method and mode.")
 
 
@@ -183,7 +186,8 @@ def per_defect(per_defect_type: pd.DataFrame) -> Table:
                                   on=["method", "category", "defect_type"], how="left")
     frame["drop"] = frame["clean_auroc"] - frame["image_auroc"]
     return Table("per_defect_type", frame,
-                 "Image AUROC of each defect type against the normal test images, clean and under each shift, mean over "
+                 "Image AUROC of each defect type against the normal test images, clean and under each shift, mean "
+                 "over "
                  "data draws and model seeds (n_runs), and its drop from clean.")
 
 
@@ -476,7 +480,8 @@ def rq2(tables: dict[str, pd.DataFrame], methods: list[str], labels: dict[str, s
     if len(sweep_table) and "chosen_on_val" in sweep_table:
         for r in sweep_table[sweep_table["chosen_on_val"]].itertuples():
             lines.append(f"Chosen on the validation split: {labels[r.method]} `{r.param}` = {r.value} "
-                         f"(val AUROC {num(r.val_auroc_clean)} against the default's {num(r.default_val_auroc_clean)}); "
+                         f"(val AUROC {num(r.val_auroc_clean)} against the default's "
+                         f"{num(r.default_val_auroc_clean)}); "
                          f"its clean test AUROC differs from the default's by {interval_text(r, 'clean_difference')}.")
     parts += [bullet_lines(lines), "", *[f"![{labels[m]} sweep](sweep_{m}.png)" for m in methods]]
     return parts
@@ -565,7 +570,8 @@ def build(run, results: dict[str, pd.DataFrame], n_resamples: int = 1000) -> lis
         out.append(method_drop_difference(scores, methods[0], methods[1], n_resamples))
     out.append(per_defect(results["per_defect_type"]))
     out.append(Table("pixel_under_shift", results["pixel_summary"],
-                     "Pixel AUROC and AUPRO per condition: every run on clean data, the first draw and seed under shift "
+                     "Pixel AUROC and AUPRO per condition: every run on clean data, the first draw and seed under "
+                     "shift "
                      "(n_runs)."))
     sweep_summary = results.get("sweep_summary", pd.DataFrame())
     if len(sweep_summary):
@@ -640,7 +646,8 @@ def unified_tables(results: dict[str, pd.DataFrame]) -> list[Table]:
     prov = results.get("unified_provenance", pd.DataFrame())
     if len(prov):
         out.append(Table("unified_provenance", prov,
-                         "Pooled PatchCore: share of test patches whose nearest bank entry comes from another category, "
+                         "Pooled PatchCore: share of test patches whose nearest bank entry comes from another "
+                         "category, "
                          "and the share of anomalous patches (and images) explained away, mean over model seeds."))
     fpr = results.get("unified_fpr_matrix", pd.DataFrame())
     if len(fpr):
@@ -650,7 +657,8 @@ def unified_tables(results: dict[str, pd.DataFrame]) -> list[Table]:
         summary = off.groupby(keys + ["seed"])["fpr"].max().groupby(keys).mean().rename("max_off_diagonal_fpr")
         summary = pd.concat([summary, on.groupby(keys)["fpr"].mean().rename("mean_diagonal_fpr")], axis=1)
         out.append(Table("unified_fpr_summary", summary.reset_index(),
-                         "False-positive rate of normal test images judged with another category's normal-only threshold "
+                         "False-positive rate of normal test images judged with another category's normal-only "
+                         "threshold "
                          "(largest off-diagonal entry, mean over seeds) and with their own (diagonal mean), for "
                          "per-category and pooled models, on raw and per-category standardised scores."))
     bank = results.get("unified_bank", pd.DataFrame())
@@ -660,12 +668,14 @@ def unified_tables(results: dict[str, pd.DataFrame]) -> list[Table]:
                                                  "share of the training patches, mean over seeds."))
     cov = results.get("unified_covariance", pd.DataFrame())
     if len(cov):
-        out.append(Table("unified_covariance", cov, "PaDiM: pooled against per-category covariance (mean over positions "
+        out.append(Table("unified_covariance", cov, "PaDiM: pooled against per-category covariance (mean over "
+                         "positions "
                                                     "of the trace ratio, and of the log-determinant difference)."))
     curve = results.get("unified_curve", pd.DataFrame())
     if len(curve):
         by_n = curve.groupby(["method", "data", "n_categories"])["auroc_change"].mean().reset_index()
-        out.append(Table("unified_curve", by_n, "AUROC of the pooled minus the per-category model, mean over categories, "
+        out.append(Table("unified_curve", by_n, "AUROC of the pooled minus the per-category model, mean over "
+                         "categories, "
                                                 "against the number of pooled categories (first model seed)."))
     return out
 
@@ -699,7 +709,8 @@ def rq4(tables: dict[str, pd.DataFrame], methods: list[str], labels: dict[str, s
     prov = tables.get("unified_provenance", pd.DataFrame())
     for r in prov[prov["data"].str.startswith("control")].itertuples() if len(prov) else ():
         if r.data.endswith("_1"):
-            lines.append(f"Pooled PatchCore, {r.set} set, whole-image control, {r.category}: {pct(r.cross_share_anomalous)} "
+            lines.append(f"Pooled PatchCore, {r.set} set, whole-image control, {r.category}: "
+                         f"{pct(r.cross_share_anomalous)} "
                          f"of anomalous patches have a neighbour of another category, {pct(r.explained_away)} are "
                          f"explained away (`unified_provenance`).")
     fpr = tables.get("unified_fpr_summary", pd.DataFrame())

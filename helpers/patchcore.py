@@ -231,7 +231,8 @@ class BankIndex:
         their memory. A torch call has a fixed cost that dwarfs a few thousand elements' work, and so does
         switching torch to one thread and back, so per-query bookkeeping runs once per group, and candidates are
         collected and re-scored with numpy: single-threaded by nature, cheap per call, and it leaves no OpenMP
-        region to stall when other work shares the cores. Only the queries' preparation, the product and the one pass over it are torch's.
+        region to stall when other work shares the cores. Only the queries' preparation, the product and the one
+        pass over it are torch's.
         """
         d2 = np.empty(len(q), np.float32)
         idx = np.empty(len(q), np.int64)

@@ -200,7 +200,8 @@ def sweep_panels(df: pd.DataFrame, metric: str, title: str | None = None) -> plt
         values = list(dict.fromkeys(sub["value"]))
         for ci, category in enumerate(sorted(sub["category"].unique())):
             for di, (transform, severity) in enumerate(conditions):
-                part = sub[(sub["category"] == category) & (sub["transform"] == transform) & (sub["severity"] == severity)]
+                part = sub[(sub["category"] == category) & (sub["transform"] == transform)
+                           & (sub["severity"] == severity)]
                 y = part.groupby("value")[metric].mean().reindex(values)
                 label = f"{category}, {'clean' if transform == 'none' else f'{transform} {severity}'}"
                 ax.plot(range(len(values)), y.to_numpy(), marker=MARKERS[ci % len(MARKERS)],

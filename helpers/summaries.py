@@ -142,7 +142,8 @@ def sweep_summary(sweep_scores: pd.DataFrame, n_resamples: int = 1000) -> pd.Dat
             rows.append(row)
     out = pd.DataFrame(rows)
     if len(out):
-        default_val = {m: stats.bootstrap_auroc(val[(val["method"] == m) & (val["param"] == "default") & _is_clean(val)],
+        default_clean = val[(val["param"] == "default") & _is_clean(val)]
+        default_val = {m: stats.bootstrap_auroc(default_clean[default_clean["method"] == m],
                                                 n_resamples=n_resamples).estimate
                        for m in out["method"].unique()}
         out["default_val_auroc_clean"] = out["method"].map(default_val)

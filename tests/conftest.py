@@ -16,7 +16,7 @@ def write_tiny_mvtec(root: Path, categories=("alpha", "beta"), size: int = 64, n
     for ci, cat in enumerate(categories):
         base_level = 80 + 60 * ci
 
-        def normal_image():
+        def normal_image(base_level=base_level):
             img = base_level + rng.normal(0, 12, (size, size, 3))
             return np.clip(img, 0, 255).astype(np.uint8)
 

@@ -3,8 +3,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.data import (MVTEC_AD, MVTEC_AD2, MVTEC_AD2_OBJECTS, DatasetError, has_ground_truth, layout_of,
-                          list_categories, list_samples, load_image, load_mask, mask_path_for)
+from helpers.data import (
+    MVTEC_AD,
+    MVTEC_AD2,
+    MVTEC_AD2_OBJECTS,
+    DatasetError,
+    has_ground_truth,
+    layout_of,
+    list_categories,
+    list_samples,
+    load_image,
+    load_mask,
+    mask_path_for,
+)
 from tests.conftest import write_tiny_mvtec
 from tests.image_files import GREY, GREY_ALPHA, RGB, RGB_ALPHA, write_png, write_png_rows
 from tests.mvtec_ad2 import write_tiny_mvtec_ad2

@@ -68,7 +68,8 @@ def test_parameters_cells_hold_no_configuration_defaults(path):
                 for node in ast.parse(cell.source).body if isinstance(node, (ast.AnnAssign, ast.Assign))}
     section_keys = {f for section in config.to_dict(config.load("default")).values() if isinstance(section, dict)
                     for f in section}
-    assert assigned <= ALLOWED_PARAMETERS, f"configuration values in the parameters cell: {assigned - ALLOWED_PARAMETERS}"
+    extra = assigned - ALLOWED_PARAMETERS
+    assert not extra, f"configuration values in the parameters cell: {extra}"
     assert not assigned & section_keys
     assert "profile" in assigned and "overrides" in assigned
 
@@ -100,7 +101,8 @@ def test_runner_executes_every_notebook_on_the_smoke_profile(tmp_path, monkeypat
         nb = nbformat.read(path, as_version=4)
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         assert not errors, f"{path.name}: {errors[0]['ename']}"
-        first = next(c for c in nb.cells if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])
+        first = next(c for c in nb.cells
+                     if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])
                      and "parameters" not in c.metadata.get("tags", []))
         shown = "".join(o.get("text", "") for o in first.outputs)
         assert f"# run {run.name}" in shown, f"{path.name} does not show its resolved configuration first"
@@ -132,7 +134,8 @@ def test_runner_executes_every_notebook_on_the_smoke_profile(tmp_path, monkeypat
     study.run(str(profile), log=logs.append)
     skipped = [line for line in logs if "skipped" in line]
     assert len(skipped) == len(executed), logs
-    assert before == {p: p.stat().st_mtime_ns for p in published.rglob("*") if p.is_file() and p.name != study.RUN_TIMES}
+    assert before == {p: p.stat().st_mtime_ns for p in published.rglob("*")
+                      if p.is_file() and p.name != study.RUN_TIMES}
 
     # Re-fitting from scratch with the same seeds reproduces the results (timing columns aside).
     import shutil
@@ -158,8 +161,9 @@ def test_results_of_another_configuration_never_enter_a_runs_tables(tmp_path):
     profile = _smoke_profile(tmp_path)
     first, second = Run.open(profile), Run.open(profile, {"model.image_size": 96})
     assert first.dir.parent == second.dir.parent and first.dir != second.dir
-    write_csv(pd.DataFrame({"method": ["patchcore"], "image_auroc": [0.9]}), first.table("shift_drop", method="patchcore"))
-    write_csv(pd.DataFrame({"method": ["patchcore"], "image_auroc": [0.1]}), second.table("shift_drop", method="patchcore"))
+    for run, auroc in ((first, 0.9), (second, 0.1)):
+        write_csv(pd.DataFrame({"method": ["patchcore"], "image_auroc": [auroc]}),
+                  run.table("shift_drop", method="patchcore"))
     assert report.load_results(first, "shift_drop")["image_auroc"].tolist() == [0.9]
     assert report.load_results(second, "shift_drop")["image_auroc"].tolist() == [0.1]
 
@@ -174,7 +178,8 @@ def test_a_failing_notebook_is_named_with_its_cell(tmp_path, monkeypatch):
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, folder / "00_data.ipynb")
     profile = _smoke_profile(tmp_path)
-    with pytest.raises(study.NotebookFailed, match=r"00_data failed in cell 3: `raise ValueError\('boom'\)` \(ValueError: boom\)"):
+    failure = r"00_data failed in cell 3: `raise ValueError\('boom'\)` \(ValueError: boom\)"
+    with pytest.raises(study.NotebookFailed, match=failure):
         study.run(str(profile), log=lambda *_: None, folder=folder)
     assert not list(tmp_path.glob("runs/*/.state/*.json")), "a failed notebook must not be marked done"
 

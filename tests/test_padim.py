@@ -11,8 +11,8 @@ import torch
 from anomalib.models.image.padim.torch_model import PadimModel
 
 from helpers import backbones, efficiency
-from helpers.data import list_samples
 from helpers import padim as padim_module
+from helpers.data import list_samples
 from helpers.detector import load_detector
 from helpers.padim import Padim
 from tests.conftest import write_tiny_mvtec
