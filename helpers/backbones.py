@@ -244,9 +244,33 @@ def _load_cached(name: str, device: str) -> torch.nn.Module:
     if missing:
         raise RuntimeError(f"backbone {name}: weights lack {len(missing)} tensors, e.g. {missing[:3]}")
     # Channels-last: oneDNN's convolutions (the depthwise ones above all) run markedly faster on CPU in this
-    # layout (README, "Run times"); sums are only reordered
-    # (largest relative difference 3e-6 of a stage's maximum).
-    return net.eval().to(device, memory_format=torch.channels_last)
+    # layout; sums are only reordered (largest relative difference 3e-6 of a stage's maximum).
+    return fold_batch_norms(net.eval()).to(device, memory_format=torch.channels_last)
+
+
+def fold_batch_norms(net: torch.nn.Module) -> torch.nn.Module:
+    """Fold each eval-mode ``BatchNormAct2d`` into the convolution registered just before it (timm's
+    EfficientNets: every normalisation follows its convolution), leaving only the activation: the same affine
+    map per channel applied once to the weights instead of to every activation. A third less backbone time on
+    the CPU; outputs change by float32 rounding only (``tests/test_backbones.py``). Backbones built from other
+    blocks are left as they are."""
+    from timm.layers import BatchNormAct2d
+
+    for parent in list(net.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (name, norm) in zip(children, children[1:]):
+            if not (isinstance(conv, torch.nn.Conv2d) and type(norm) is BatchNormAct2d and norm.affine
+                    and norm.track_running_stats and conv.out_channels == norm.num_features):
+                continue
+            with torch.no_grad():
+                scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+                shift = norm.bias - norm.running_mean * scale
+                if conv.bias is not None:
+                    shift = shift + conv.bias * scale
+                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                conv.bias = torch.nn.Parameter(shift)
+            setattr(parent, name, torch.nn.Sequential(norm.drop, norm.act))
+    return net
 
 
 def _out_indices(s: BackboneSpec) -> tuple[int, ...]:

@@ -101,8 +101,9 @@ class ShiftConfig:
     first_draw_only: tuple[Literal["domain", "per_image"], ...] = ("per_image",)  # modes scored on draw 0 only
     transforms: tuple[str, ...] = ("brightness", "blur", "spotlight", "rotation", "rotation_fill", "border_fill",
                                    "mixed")
-    # per_image mode only where a draw has a random part to vary (blur has none; the controls only a sign)
-    per_image_transforms: tuple[str, ...] | None = ("brightness", "spotlight", "rotation", "mixed")
+    # per_image mode only where a draw has a random part to vary (blur has none; the controls only a sign): by
+    # default one photometric and one geometric shift, within the 2-core budget
+    per_image_transforms: tuple[str, ...] | None = ("spotlight", "rotation")
     severities: tuple[int, ...] = (1, 3, 5)
 
 
@@ -133,7 +134,9 @@ class ThresholdConfig:
     sigmas: float = 3.0  # k of mean + k sigma
     alphas: tuple[float, ...] = (0.01, 0.05)  # target false-positive rates of the conformal estimator
     anomalies: tuple[int, ...] = (0, 1, 2, 4, 8)  # labelled shifted anomalies A of the label-budget curve
-    adapt_budgets: tuple[int, ...] | None = None  # budgets with adapted models (None: every budget)
+    # Budgets with adapted models (None: every budget); every PaDiM adaptation inverts one covariance per grid
+    # position, so the default adapts at a small and the full budget only.
+    adapt_budgets: tuple[int, ...] | None = (10, 40)
     # Budgets with refit models (None: every budget). Cross-fitting needs three fits per draw, ten draws per
     # budget: too many PaDiM fits for two CPU cores, so the default refits on the whole pool only (one draw).
     refit_budgets: tuple[int, ...] | None = (40,)

@@ -66,8 +66,11 @@ def compute(paths: Sequence[str | Path], backbone: str, image_size: int, stages:
     return {s: torch.cat(chunks[s]) for s in stages}
 
 
+FEATURES_VERSION = 2  # bumped when the computed features change (2: batch norms folded into convolutions)
+
+
 def cache_folder(backbone: str, image_size: int, cache_dir: str | Path | None = None) -> Path:
-    return Path(cache_dir or CACHE / "features") / f"{backbone}-{int(image_size)}"
+    return Path(cache_dir or CACHE / "features") / f"{backbone}-{int(image_size)}-v{FEATURES_VERSION}"
 
 
 def _read(path: Path, stages: Sequence[str]) -> dict[str, torch.Tensor] | None:

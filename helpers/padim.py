@@ -30,6 +30,17 @@ def default_stages(backbone: str) -> tuple[str, ...]:
     return tuple(backbones.spec(backbone).stage_names[0:3])
 
 
+def mahalanobis(embedding: torch.Tensor, mean: torch.Tensor, inv_covariance: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, h, w)`` Mahalanobis distances of ``(B, D, h, w)`` embeddings to per-position Gaussians (mean
+    ``(D, h*w)``, inverse covariance ``(h*w, D, D)``): anomalib's ``AnomalyMapGenerator.compute_distance``, the
+    same products, with the differences laid out position-major before the batched product, which then reads
+    contiguous rows instead of a permuted view (a fraction of the time on the CPU)."""
+    b, d, h, w = embedding.shape
+    delta = (embedding.reshape(b, d, h * w) - mean).permute(2, 0, 1).contiguous()
+    distances = torch.linalg.vecdot(torch.bmm(delta, inv_covariance), delta)
+    return distances.T.reshape(b, 1, h, w).clamp(0).sqrt()
+
+
 class Padim(Detector):
     """anomalib's PaDiM model, fed with backbone features from the on-disk cache instead of its own extractor."""
 
@@ -37,7 +48,7 @@ class Padim(Detector):
 
     def __init__(self, backbone: str = "efficientnet_lite0", stages: Sequence[str] | None = None,
                  image_size: int = 256, n_features: int = 100, seed: int = 0, device: str = "auto",
-                 cache_dir: str | Path | None = None, batch_size: int = 16) -> None:
+                 cache_dir: str | Path | None = None, batch_size: int = 32) -> None:
         self.backbone = backbone
         self.stages = backbones.check_stages(backbone, stages or default_stages(backbone))
         self.image_size = int(image_size)
@@ -122,15 +133,14 @@ class Padim(Detector):
         if not self.is_fitted:
             raise RuntimeError("Padim.predict before fit (or load)")
         n = len(feats[self.stages[0]])
-        generator = self.model.anomaly_map_generator
         with one_torch_thread(self.device.type == "cpu"):  # per-position products of 100-d matrices (threads.py)
-            return self._predict_batches(feats, n, generator)
+            return self._predict_batches(feats, n)
 
-    def _predict_batches(self, feats: dict[str, torch.Tensor], n: int, generator) -> Prediction:
+    def _predict_batches(self, feats: dict[str, torch.Tensor], n: int) -> Prediction:
         scores, maps = [], []
         for start in range(0, n, self.batch_size):
-            distance = generator.compute_distance(self._embedding(feats, start, start + self.batch_size),
-                                                  [self.model.gaussian.mean, self.model.gaussian.inv_covariance])
+            distance = mahalanobis(self._embedding(feats, start, start + self.batch_size),
+                                   self.model.gaussian.mean, self.model.gaussian.inv_covariance)
             # anomalib then upsamples bilinearly to the input size and blurs with its GaussianBlur2d (sigma 4, as
             # PatchCore's). Both are separable linear maps, applied here as two small matrix products: the same
             # map to float32 rounding, and a small fraction of the cost of the 33 x 33 convolution.

@@ -3,6 +3,7 @@ registered strides, the torchvision-weights path loads a cached file or fails wi
 damaged weights file (built here, never the real one) is refused naming the file."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import io
@@ -48,6 +49,27 @@ def test_stage_outputs_have_the_registered_channels_and_strides():
     assert list(out) == list(s.stages)
     for (stage, stride), channels in zip(s.stages.items(), net.feature_info.channels()):
         assert out[stage].shape == (2, channels, 64 // stride, 96 // stride), stage
+
+
+def test_folded_batch_norms_give_the_unfolded_network_s_outputs():
+    s = backbones.spec("efficientnet_lite0")
+    with torch.random.fork_rng(devices=[]):
+        plain = timm.create_model(s.timm_name, pretrained=False, features_only=True, exportable=True,
+                                  out_indices=backbones._out_indices(s))
+    plain.load_state_dict(backbones.features_state_dict("efficientnet_lite0"), strict=False)
+    plain.eval()
+    for m in plain.modules():  # trained-looking statistics, so a wrongly folded scale or shift shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.mul_(3.0).add_(0.5)
+            m.running_mean.add_(0.2)
+    net = backbones.fold_batch_norms(copy.deepcopy(plain))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    image = np.asarray(Image.fromarray(data.chelsea()).resize((128, 128), Image.BILINEAR))
+    x = backbones.normalise(torch.from_numpy(image.copy()).permute(2, 0, 1)[None], "efficientnet_lite0")
+    with torch.no_grad():
+        for want, got in zip(plain(x), net(x)):
+            assert want.abs().max() > 0.1
+            assert float((want - got).abs().max() / want.abs().max()) < 1e-5
 
 
 def _resnet18_state(seed: int) -> dict[str, torch.Tensor]:

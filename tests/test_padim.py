@@ -46,8 +46,10 @@ def test_matches_anomalib_padim_trained_its_own_way():
     reference = PadimModel(backbone=backbones.spec(BACKBONE).timm_name, layers=list(STAGES), pre_trained=False,
                            n_features=60)
     reference.feature_extractor.feature_extractor.load_state_dict(backbones.features_state_dict(BACKBONE))
-    # Our backbone runs channels-last (test_backbones checks that against timm's layout); the same layout here
-    # makes the two PaDiM computations comparable to float rounding, which the covariance inverse amplifies.
+    # Our backbone runs channels-last with its batch norms folded (test_backbones checks both against timm's
+    # network); the same network here makes the two PaDiM computations comparable to float rounding, which the
+    # covariance inverse of six images amplifies.
+    backbones.fold_batch_norms(reference.feature_extractor.feature_extractor.eval())
     reference.feature_extractor.to(memory_format=torch.channels_last)
     train_images, test_images = (x.contiguous(memory_format=torch.channels_last) for x in (train_images, test_images))
     reference.train()
