@@ -751,7 +751,8 @@ def report_section(results: dict[str, pd.DataFrame], config) -> list[str]:
              f"intervals over the draws of the N images.",
              "Share of the clean-to-shifted loss of balanced accuracy each regime recovers at its largest budget, "
              "all shifts with a loss pooled (1 = back to the clean level, 0 = no better than keeping the source "
-             "threshold; every budget is in the `threshold_regimes` table):",
+             "threshold; every budget is in the `threshold_regimes` table). At the largest budget the N normals "
+             "are the whole calib split, one draw, so lo and hi equal the estimate there: no interval:",
              markdown(_at_largest_budget(headline_table(recovery_pooled)).round(3)), "",
              "![regimes](threshold_regimes.png)"]
     lines = []
@@ -762,9 +763,12 @@ def report_section(results: dict[str, pd.DataFrame], config) -> list[str]:
         if at.empty:
             continue
         best = at.sort_values("share", ascending=False).iloc[0]
-        lines.append(f"{method}, N = {budget}: the most recovered is {_pct(best.share)} "
-                     f"[{_pct(best.share_lo)}, {_pct(best.share_hi)}] by `{best.regime}` with `{best.estimator}` "
-                     f"(over {best.conditions_with_loss} shift(s) with a loss, {best.n_draws} draw(s)).")
+        # One draw (N is the whole calib split): the bootstrap over draws has nothing to resample.
+        spread = (f"[{_pct(best.share_lo)}, {_pct(best.share_hi)}]" if best.n_draws > 1 else
+                  "(one draw, the whole calib split: no interval)")
+        lines.append(f"{method}, N = {budget}: the most recovered is {_pct(best.share)} {spread} by "
+                     f"`{best.regime}` with `{best.estimator}` (over {best.conditions_with_loss} shift(s) with a loss, "
+                     f"{best.n_draws} draw(s)).")
     plateau_table = results.get("threshold_plateau", pd.DataFrame())
     pooled_plateau = plateau_table[plateau_table["transform"] == POOLED["transform"]] if len(plateau_table) else []
     for r in pooled_plateau.itertuples() if len(pooled_plateau) else ():

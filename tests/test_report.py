@@ -79,3 +79,29 @@ def test_committed_latex_tables_are_well_formed_and_compile_where_a_tex_engine_e
         done = subprocess.run([engine, "-interaction=nonstopmode", doc.name], cwd=tmp_path, capture_output=True,
                               timeout=120)
         assert done.returncode == 0, done.stdout[-2000:]
+
+
+def _difference(lo: float, hi: float) -> pd.DataFrame:
+    return pd.DataFrame([dict(category="all", first="patchcore", second="padim", difference=(lo + hi) / 2,
+                              difference_lo=lo, difference_hi=hi, excludes_zero=lo > 0 or hi < 0,
+                              stages="own stages")])
+
+
+def _unified(test_lo: float) -> pd.DataFrame:
+    rows = [dict(method="patchcore", set="far", data=data, comparison="per_category - model_unified",
+                 category="mean", estimate=est, lo=lo, hi=est + 0.05)
+            for data, est, lo in (("test", test_lo + 0.01, test_lo), ("control_1", 0.5, 0.45))]
+    return pd.DataFrame(rows)
+
+
+def test_the_conclusion_says_difference_only_where_the_paired_interval_excludes_zero():
+    from helpers import paper
+
+    labels = {"patchcore": "PatchCore", "padim": "PaDiM"}
+    overlapping = "\n".join(paper.conclusion({"method_difference": _difference(-0.02, 0.01),
+                                              "unified_intervals": _unified(-0.01)}, [], labels))
+    assert "no difference" in overlapping and "no identical shortcut shows" in overlapping
+    apart = "\n".join(paper.conclusion({"method_difference": _difference(0.01, 0.04),
+                                        "unified_intervals": _unified(0.02)}, [], labels))
+    assert "no difference" not in apart and "partly explained away" in apart
+    assert "1 of 1 (method, set)" in apart and "0 of 1 (method, set)" in overlapping
