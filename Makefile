@@ -36,8 +36,9 @@ lab: setup
 notebooks-html: setup
 	$(PY) -m helpers.render_notebooks --profile $(PROFILE)
 
+# Needs the default data (make study generates it under data/synthetic/seed=0).
 bench: setup
-	$(PY) -m helpers.bench patchcore --root data/synthetic --category hazelnut --n-train 100
+	$(PY) -m helpers.bench patchcore --root data/synthetic/seed=0 --category hazelnut --n-train 100 --n-test 50
 
 # Removes this profile's runs, and the staging folders and temporary files a killed run can leave behind.
 clean-runs:
