@@ -43,10 +43,9 @@ import numpy as np
 import pandas as pd
 
 from helpers import experiments, thresholds
-from helpers.detector import Detector
 from helpers.paths import Run
 from helpers.registry import DetectorConfig
-from helpers.thresholds import Estimator, PixelCounter, ScoreSet
+from helpers.thresholds import Estimator, PixelCounter
 
 REGIMES = ("clean", "none", "threshold_only", "normalised", "adapted", "refit", "labelled", "oracle")
 PIXEL_STRIDE = 4  # pixel thresholds read every 4th map pixel per direction: a sigma-4 blurred map varies slowly
@@ -55,14 +54,6 @@ ROW_COLUMNS = ["method", "seed", "category", "data_draw", "mode", "transform", "
                "alpha", "oracle", "budget", "anomalies", "draw", "target_set", "n_threshold_images", "threshold",
                "pixel_threshold", "fpr", "tpr", "precision", "f1", "balanced_accuracy", "mcc", "seg_f1", "tp", "fp",
                "tn", "fn", "n_test", "n_test_anomalous", "f1_flag_all", "note"]
-
-
-def score_set(detector: Detector, rows: pd.DataFrame) -> ScoreSet:
-    """Labels, scores and (where the split has ground truth) masks and maps of one split under one model."""
-    prediction = experiments.score(detector, rows)
-    masks = experiments.masks_for(rows, prediction.anomaly_maps.shape[-1])
-    return ScoreSet(rows["label"].to_numpy(), prediction.image_scores, masks,
-                    prediction.anomaly_maps if masks is not None else None)
 
 
 # --- which images ---------------------------------------------------------------------------------------
@@ -462,7 +453,7 @@ def _regime_job(kind: str, config: DetectorConfig, study: Run, draw: int, catego
 
 # --- summaries: what the rows say -----------------------------------------------------------------------
 
-CONDITION = ["mode", "transform", "severity"]
+CONDITION = experiments.CONDITION_COLUMNS
 METRICS = ("balanced_accuracy", "mcc", "f1", "fpr", "tpr", "seg_f1")
 LEVEL_KEYS = ["regime", "estimator", "alpha", "oracle", "budget", "anomalies"]
 POOLED = {"mode": "domain", "transform": "all", "severity": 0}  # condition columns of rows pooled over shifts
@@ -728,7 +719,9 @@ def _at_largest_budget(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _pct(value: float) -> str:
-    return "n/a" if not np.isfinite(value) else f"{100 * value:.0f} %"
+    from helpers.report import pct
+
+    return "n/a" if not np.isfinite(value) else pct(value)
 
 
 def report_section(results: dict[str, pd.DataFrame], config) -> list[str]:
@@ -744,8 +737,8 @@ def report_section(results: dict[str, pd.DataFrame], config) -> list[str]:
              f"normals ({calib_size} per category); every other regime gets the same N target-domain normals, drawn "
              f"from the shifted calib split of each `domain`-mode shift (N in {list(th.budgets)}, {th.draws} random "
              f"draws per N; one where N is the whole split). Adapted models are fitted at N in "
-             f"{list(th.budgets if th.adapt_budgets is None else th.adapt_budgets)} and refit models at N in "
-             f"{list(th.budgets if th.refit_budgets is None else th.refit_budgets)}, for the first "
+             f"{list(Plan.of(config).adapt_budgets)} and refit models at N in "
+             f"{list(Plan.of(config).refit_budgets)}, for the first "
              f"{th.refit_seeds} model seed(s), with {th.folds}-fold cross-fitted thresholds. The oracle, F1-optimal "
              f"on the labelled shifted val split, is a bound no deployment has. Intervals are 95 % bootstrap "
              f"intervals over the draws of the N images.",

@@ -238,9 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = {"image_size": 256, "coreset_ratio": 0.1, "k": 9, "backbone": "efficientnet_lite0"}
-    if args.study_defaults:
-        settings.update(study_defaults())
+    # Unset flags fall back to the profile (--study-defaults) or to bench_patchcore's own defaults.
+    settings = study_defaults() if args.study_defaults else {}
     settings.update({name: getattr(args, name) for name in ("image_size", "coreset_ratio", "k")
                      if getattr(args, name) is not None})
     result = bench_patchcore(args.root, args.category, args.n_train, args.n_test, peer=not args.no_peer,

@@ -315,10 +315,11 @@ def sweep(run: Run, method: str, conditions: Sequence[Condition] | None = None, 
         config = base.replace(**override)
         sizes.add((config.backbone, config.image_size))
         jobs += [(config, run, draw, category, conditions, list(splits), labels) for category in cfg.data.categories]
+    manifest = run.manifest(draw)
+    sets = [list(rows_of(run, draw, c, "train", manifest=manifest)["image_path"]) for c in cfg.data.categories]
+    sets += [list(rows_of(run, draw, c, split, cond, manifest)["image_path"]) for c in cfg.data.categories
+             for split in splits for cond in conditions]
     for backbone, image_size in sorted(sizes):  # another backbone or input size: its own features, filled first
-        sets = [train_paths(run, draw, c) for c in cfg.data.categories]
-        sets += [list(rows_of(run, draw, c, split, cond)["image_path"]) for c in cfg.data.categories
-                 for split in splits for cond in conditions]
         prefetch_features(run, sets, backbone, image_size, progress=progress)
     results = run_jobs(_sweep_job, jobs, cfg.execution, desc=f"{method} sweep", progress=progress, memo=True)
     return (pd.concat([m for m, _ in results], ignore_index=True),

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 
 from helpers import stats, summaries
-from helpers.report import Table
+from helpers.report import Table, bullet, flatten, hardware, interval, load_results, markdown, num, pct
 
-CONDITION = ["mode", "transform", "severity"]
+CONDITION = summaries.CONDITION
 PHOTOMETRIC = ("brightness", "contrast", "gamma", "color_temperature", "blur", "noise", "gradient", "spotlight")
 GEOMETRIC = ("rotation", "translation", "scale", "perspective")
 CONTROLS = ("border_fill", "rotation_fill")
@@ -245,8 +245,6 @@ def _row(frame: pd.DataFrame, **where) -> pd.Series | None:
 
 
 def _ci(r, name: str) -> str:
-    from helpers.report import interval
-
     return interval(r[name], r[f"{name}_lo"], r[f"{name}_hi"])
 
 
@@ -260,8 +258,6 @@ def _diff_words(r, name: str, positive: str, negative: str) -> str:
 
 
 def baseline_findings(tables: dict[str, pd.DataFrame], methods: list[str], labels: dict[str, str]) -> list[str]:
-    from helpers.report import num
-
     base, diff = tables["baseline"], tables.get("method_difference", pd.DataFrame())
     lines = []
     for m in methods:
@@ -280,8 +276,6 @@ def baseline_findings(tables: dict[str, pd.DataFrame], methods: list[str], label
 
 
 def drop_findings(tables: dict[str, pd.DataFrame], methods: list[str], labels: dict[str, str]) -> list[str]:
-    from helpers.report import num, pct
-
     lines = []
     kinds = tables["drop_by_kind"]
     for m in methods:
@@ -305,8 +299,6 @@ def drop_findings(tables: dict[str, pd.DataFrame], methods: list[str], labels: d
 
 
 def interval_text(r, name: str) -> str:
-    from helpers.report import interval
-
     return interval(getattr(r, name), getattr(r, f"{name}_lo"), getattr(r, f"{name}_hi"))
 
 
@@ -371,8 +363,6 @@ def methodology(cfg, labels: dict[str, str], matched: tuple[str, ...]) -> list[s
 
 
 def setup(run, tables: dict[str, pd.DataFrame], labels: dict[str, str]) -> list[str]:
-    from helpers.report import hardware, markdown
-
     cfg = run.config
     data = tables.get("data", pd.DataFrame())
     return [
@@ -402,8 +392,6 @@ def setup(run, tables: dict[str, pd.DataFrame], labels: dict[str, str]) -> list[
 
 
 def rq1(tables: dict[str, pd.DataFrame], methods: list[str], labels: dict[str, str]) -> list[str]:
-    from helpers.report import markdown
-
     base = tables["baseline"]
     shown = base[["method", "stages", "category", "image_auroc", "image_auroc_lo", "image_auroc_hi", "pixel_auroc",
                   "pixel_aupro", "n_runs"]]
@@ -415,14 +403,10 @@ def rq1(tables: dict[str, pd.DataFrame], methods: list[str], labels: dict[str, s
 
 
 def bullet_lines(lines: list[str]) -> str:
-    from helpers.report import bullet
-
     return bullet(lines)
 
 
 def rq2(tables: dict[str, pd.DataFrame], methods: list[str], labels: dict[str, str]) -> list[str]:
-    from helpers.report import num
-
     parts = ["### 3.2 RQ2: what does each shift cost, and what explains it?",
              "The drop is the clean minus the shifted image AUROC on the same test images, pooled over data draws, "
              "categories and model seeds (`shift_drop`; per category in `shift_drop_by_category`; the mean per kind "
@@ -521,8 +505,6 @@ RESULT_TABLES = ("data_counts", "shift_severity_table", "shift_drop", "scores", 
 def load(run) -> dict[str, pd.DataFrame]:
     """Every result table this report reads, from this run's folder only."""
     from helpers import adaptation
-    from helpers.report import load_results
-
     names = [*RESULT_TABLES, *adaptation.REPORT_TABLES, *UNIFIED_TABLES]
     return {name: load_results(run, name) for name in names}
 
@@ -592,8 +574,6 @@ def build(run, results: dict[str, pd.DataFrame], n_resamples: int = 1000) -> lis
 
 
 def flatten_config(config: dict) -> list[tuple[str, str]]:
-    from helpers.report import flatten
-
     return [(k, str(v)) for k, v in flatten(config)]
 
 
@@ -680,8 +660,6 @@ def unified_tables(results: dict[str, pd.DataFrame]) -> list[Table]:
 
 
 def rq4(tables: dict[str, pd.DataFrame], methods: list[str], labels: dict[str, str]) -> list[str]:
-    from helpers.report import interval, num, pct
-
     head = "### 3.4 RQ4: does one model for all categories take the identical shortcut?"
     intervals = tables.get("unified_intervals", pd.DataFrame())
     if intervals.empty:
@@ -738,8 +716,6 @@ def rq4(tables: dict[str, pd.DataFrame], methods: list[str], labels: dict[str, s
 
 def _findings(tables: dict[str, pd.DataFrame], labels: dict[str, str]) -> list[str]:
     """One sentence per research question, from the same tables and with the same numbers as the results."""
-    from helpers.report import num, pct
-
     out = []
     diff = tables.get("method_difference", pd.DataFrame())
     pooled = diff[diff["category"] == "all"] if len(diff) else diff

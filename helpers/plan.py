@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from helpers.paths import Run, resolve
+from helpers.study import JOB_TIMES, step_summaries
 
 GB = 1e9
 PIXEL_OPS = 1_000  # assumed work per anomaly-map pixel (upsampling, smoothing, the metrics' sorts), in multiply-adds
@@ -536,7 +537,7 @@ def batches(run: Run, counts: dict | None = None, measure: bool = True) -> list[
                 b.images += scored
         out.append(b)
     out += _threshold_batches(run, counts, feats, fits)
-    out += _unified_batches(run, counts, feats, fits)
+    out += _unified_batches(run, counts, feats)
     return out
 
 
@@ -553,9 +554,7 @@ def _draw_categories(run: Run, draw: int) -> tuple[str, ...]:
     """The categories a draw generates; the rewritten unified study adds its own on the first draw."""
     from data_prep import prepare
 
-    if hasattr(prepare, "draw_categories"):  # HOOK: the unified study's extra categories, once that branch lands
-        return tuple(prepare.draw_categories(run, draw))
-    return tuple(run.config.data.categories)
+    return tuple(prepare.draw_categories(run, draw))
 
 
 def _extra_counts(run: Run, category: str) -> dict[str, int]:
@@ -619,42 +618,18 @@ def _threshold_batches(run: Run, counts: dict, feats: _Features, fits: _Fits) ->
     return out
 
 
-def _unified_batches(run: Run, counts: dict, feats: _Features, fits: _Fits) -> list[Batch]:
-    """HOOK for helpers.unified, which another change rewrites: today's study fits, per method, one pooled model
-    and one per category as a batch ("<method> unified fits") and scores them in the notebook; the rewritten one
-    fits and scores every distinct (method, seed, categories) model as jobs ("unified models"). Whichever is
-    installed is counted; an unknown shape is reported, not guessed."""
-    from helpers import registry, unified
-
+def _unified_batches(run: Run, counts: dict, feats: _Features) -> list[Batch]:
+    """The unified study: every distinct (method, seed, categories) model fitted and scored as a job."""
     cfg = run.config
-    step = "05_unified"
-    draw = int(cfg.data.draws[0])
 
     def n_train(categories):
-        cap = getattr(cfg.unified, "n_train", None)
+        cap = cfg.unified.n_train
         return sum(min(cap, _train(c)) if cap else _train(c) for c in categories)
 
     def _train(c):
         return counts[c]["train"] if c in counts else _extra_counts(run, c)["train"]
 
-    if hasattr(unified, "pools") and hasattr(unified, "model_jobs"):
-        return _pooled_study_batches(run, counts, feats, n_train)
-    if hasattr(unified, "fit_models"):
-        out = []
-        categories = list(cfg.unified_categories)
-        for method in cfg.methods:
-            b = Batch(step, "unified", f"{method} unified fits", "helpers.unified._fit_job", method)
-            detector = registry.configured(cfg, method)
-            for group in [categories, *[[c] for c in categories]]:
-                key = group[0] if len(group) == 1 else tuple(group)
-                new = fits.new(detector, draw, key, n_train(group))
-                b.add(_fit(detector, n_train(group)) if new else 0.0)
-                b.fits += int(new)
-                b.models_written += new * _model_bytes(detector, n_train(group))
-            out.append(b)
-        return out
-    return [Batch(step, "unified", "unified (unknown shape)", "helpers.unified", notes=["not counted: "
-                  "helpers.unified has neither pools/model_jobs nor fit_models; extend plan._unified_batches"])]
+    return _pooled_study_batches(run, counts, feats, n_train)
 
 
 def _pooled_study_batches(run: Run, counts: dict, feats: "_Features", n_train: Callable) -> list[Batch]:
@@ -721,7 +696,6 @@ def _pooled_study_batches(run: Run, counts: dict, feats: "_Features", n_train: C
 
 # --- recorded timings ----------------------------------------------------------------------------------------
 
-JOB_TIMES = "job_times.json"  # the runner's summary of a run's per-batch timings, beside run_times.md
 _RUN_NAME = re.compile(r"[0-9a-f]{8}")  # the hash part of a run folder's name
 
 
@@ -746,16 +720,7 @@ def read_run(run_dir: Path) -> Recorded | None:
         return None
     config = build(StudyConfig, yaml.safe_load((Path(run_dir) / "config.yaml").read_text()), "",
                    str(Path(run_dir) / "config.yaml"))
-    steps = {}
-    for path in sorted(state.glob("*.json")):
-        record = json.loads(path.read_text())
-        lines = state / f"{path.stem}.jobs.jsonl"
-        found = None
-        if lines.is_file():
-            found = [json.loads(line) for line in lines.read_text().splitlines() if line.strip()]
-        steps[path.stem] = {"seconds": record["seconds"], "batches": found,
-                            "resources": {k: v for k, v in record.items() if k not in ("fingerprint", "seconds")}}
-    return Recorded(str(run_dir), Path(run_dir).name.rsplit("-", 1)[0], config, steps)
+    return Recorded(str(run_dir), Path(run_dir).name.rsplit("-", 1)[0], config, step_summaries(state))
 
 
 def read_summary(path: Path) -> Recorded | None:

@@ -388,20 +388,6 @@ def check_pages(folder: str | Path, browser: bool | None = None, log: Callable[[
 
 # --- command line -------------------------------------------------------------------------------------------
 
-def _parse_set(items: list[str]) -> dict:
-    import yaml
-
-    from helpers.config import ProfileError
-
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ProfileError(f"--set expects key=value (e.g. methods.patchcore.k=3), got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default", help="profiles/<name>.yaml or a path to a YAML profile")
@@ -415,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     from helpers.config import ProfileError
 
     try:
-        run = Run.open(args.profile, _parse_set(args.set) or None)
+        from helpers.study import parse_set  # the runner's own --set parser
+
+        run = Run.open(args.profile, parse_set(args.set) or None)
         pages = render_run(run)
     except (ProfileError, FileNotFoundError, ValueError) as exc:
         print(f"[notebooks-html] error: {exc}", file=sys.stderr)

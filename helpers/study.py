@@ -279,11 +279,6 @@ def _failed_cell(executed: Path) -> str:
     return "an unknown cell"
 
 
-def timings(study: Run) -> dict[str, float]:
-    """Seconds each step took in its last successful run."""
-    return {step: record["seconds"] for step, record in step_records(study).items()}
-
-
 def step_records(study: Run) -> dict[str, dict]:
     """What each step's last successful run recorded: seconds, peak memory, disk use (older runs: seconds only)."""
     return {p.stem: json.loads(p.read_text()) for p in sorted(study.state.glob("*.json"))}
@@ -318,7 +313,7 @@ def write_run_times(study: Run) -> Path:
         lines += [extra.read_text()]
     path = study.figures / RUN_TIMES
     atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))
-    write_job_times(study, records)
+    write_job_times(study)
     return path
 
 
@@ -328,18 +323,24 @@ def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores"
 
 
-def write_job_times(study: Run, records: dict[str, dict] | None = None) -> Path:
-    """``job_times.json`` beside ``run_times.md``: the run's configuration, and per step its seconds, resources and
-    the timing line of every batch of jobs (``helpers.parallel.record_batch``), which ``helpers.plan`` reads."""
-    records = step_records(study) if records is None else records
+def step_summaries(state: Path) -> dict[str, dict]:
+    """Per step recorded in a run's ``.state`` folder: its seconds, the timing line of every batch of jobs
+    (``helpers.parallel.record_batch``; None when the step recorded none) and its resources."""
     steps = {}
-    for step, record in records.items():
-        jobs = study.state / f"{step}.jobs.jsonl"
+    for path in sorted(state.glob("*.json")):
+        record = json.loads(path.read_text())
+        jobs = state / f"{path.stem}.jobs.jsonl"
         lines = [json.loads(line) for line in jobs.read_text().splitlines() if line.strip()] if jobs.is_file() else None
-        steps[step] = {"seconds": record["seconds"], "batches": lines,
-                       "resources": {k: v for k, v in record.items() if k not in ("fingerprint", "seconds")}}
+        steps[path.stem] = {"seconds": record["seconds"], "batches": lines,
+                            "resources": {k: v for k, v in record.items() if k not in ("fingerprint", "seconds")}}
+    return steps
+
+
+def write_job_times(study: Run) -> Path:
+    """``job_times.json`` beside ``run_times.md``: the run's configuration and its :func:`step_summaries`, which
+    ``helpers.plan`` reads."""
     body = {"run": study.name, "profile": study.profile, "machine": _machine(), "config": to_dict(study.config),
-            "steps": steps}
+            "steps": step_summaries(study.state)}
     path = study.figures / JOB_TIMES
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n"))
     return path
@@ -378,7 +379,7 @@ def publish(study: Run, log=print) -> Path | None:
     return target
 
 
-def _parse_set(items: list[str]) -> dict:
+def parse_set(items: list[str]) -> dict:
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -429,14 +430,14 @@ def main(argv: list[str] | None = None) -> int:
         from helpers import plan
 
         try:
-            print(plan.report(args.profile, _parse_set(args.set) or None, workers=args.workers,
+            print(plan.report(args.profile, parse_set(args.set) or None, workers=args.workers,
                               timings=args.timings), end="")
         except (ProfileError, FileNotFoundError) as exc:
             print(f"[study] error: {exc}", file=sys.stderr)
             return 2
         return 0
     try:
-        overrides = {**_parse_set(args.set), **execution_overrides(args.workers, args.engine, args.scheduler)}
+        overrides = {**parse_set(args.set), **execution_overrides(args.workers, args.engine, args.scheduler)}
         start = time.perf_counter()
         run(args.profile, overrides or None, args.only, args.force)
         print(f"[study] profile {args.profile} finished in {time.perf_counter() - start:.0f} s")
