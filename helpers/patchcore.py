@@ -3,6 +3,7 @@ nearest-neighbour distance, computing what anomalib's ``PatchcoreModel`` compute
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -133,7 +134,8 @@ def _greedy_kcenter(points: torch.Tensor, n: int, start: int, block: int) -> tor
 
 _U = 2.0 ** -8  # unit roundoff of bfloat16
 _BLOCK = 64  # bank columns per block when collecting candidates
-_GROUP = 1024  # queries prepared and re-scored together: temporaries under 1 MB, which the heap re-uses
+_GROUP = 1024  # fewest queries prepared and re-scored together (more when one product holds more)
+_MAX_CHUNK = 8192  # most queries per product: bounds the scratch buffers (5 MB each at 152 dimensions)
 _PRODUCT_SIZE = 256 * 10240  # elements of one bfloat16 product (5 MB): 256 queries against 10,240 bank rows
 
 
@@ -145,6 +147,41 @@ def _bf16_parts(x: torch.Tensor) -> torch.Tensor:
         parts.append(part)
         rest = rest - part.double()
     return torch.stack(parts, 1)
+
+
+def _bf16_split(x: torch.Tensor, out: torch.Tensor) -> None:
+    """``(n,)`` float32 as three bfloat16 parts written to ``out`` ``(n, 3)``; their sum is ``x`` exactly (each
+    remainder of rounding a float32 to fewer bits is itself a float32), the same parts as ``_bf16_parts``."""
+    rest = x
+    for i in range(3):
+        out[:, i] = rest  # rounded to nearest
+        rest = rest - out[:, i].float()
+
+
+class _Workspace:
+    """Scratch buffers by name, grown when too small and otherwise re-used, so that repeated searches write into
+    memory that is already mapped instead of faulting in fresh pages."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._buffers[name] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(*shape)
+
+
+_THREAD = threading.local()
+
+
+def _workspace() -> _Workspace:
+    """This thread's scratch buffers, shared by every index: their size follows the largest search so far
+    (tens of MB at most), not the number of models alive."""
+    if not hasattr(_THREAD, "space"):
+        _THREAD.space = _Workspace()
+    return _THREAD.space
 
 
 def fast_bf16_available() -> bool:
@@ -208,7 +245,7 @@ class BankIndex:
         time (default: sized to the bank for bf16, 512 otherwise)."""
         queries = queries.float().to(self.bank.device)
         if self.backend == "bf16":
-            sized = max(64, min(_GROUP, _PRODUCT_SIZE // len(self.aug) // 64 * 64))  # multiples of 64 queries
+            sized = max(64, min(_MAX_CHUNK, _PRODUCT_SIZE // len(self.aug) // 64 * 64))  # multiples of 64
             return self._search_bf16(queries, chunk or sized)
         chunk = chunk or 512
         out = [self._search_chunk(queries[i:i + chunk]) for i in range(0, len(queries), chunk)]
@@ -226,40 +263,46 @@ class BankIndex:
     def _search_bf16(self, q: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Products and their reduction over ``chunk`` queries at a time, everything else per group of queries.
 
-        Where the time goes shaped this loop more than the arithmetic did. A fresh tensor of a few MB costs more
-        in page faults than the arithmetic it holds, so products and temporaries are sized for the heap to re-use
-        their memory. A torch call has a fixed cost that dwarfs a few thousand elements' work, and so does
-        switching torch to one thread and back, so per-query bookkeeping runs once per group, and candidates are
-        collected and re-scored with numpy: single-threaded by nature, cheap per call, and it leaves no OpenMP
-        region to stall when other work shares the cores. Only the queries' preparation, the product and the one
-        pass over it are torch's.
+        Where the time goes shaped this loop more than the arithmetic did. Every temporary above glibc's mmap
+        threshold (128 kB until a large block is freed) is mapped afresh and faulted in page by page, which here
+        costs more than the arithmetic it holds, so products and temporaries live in scratch buffers that every
+        search on this thread re-uses (``_workspace``). A torch call has a fixed cost that dwarfs a few thousand
+        elements' work, and so does switching torch to one thread and back, so per-query bookkeeping runs once per
+        group, and candidates are collected and re-scored with numpy: single-threaded by nature, cheap per call,
+        and it leaves no OpenMP region to stall when other work shares the cores. Only the queries' preparation,
+        the product and the one pass over it are torch's.
         """
         d2 = np.empty(len(q), np.float32)
         idx = np.empty(len(q), np.int64)
-        group = max(chunk, _GROUP)
+        group = max(chunk, _GROUP)  # small banks: one product per group, fewer calls per query
         bank = self.bank.numpy()
+        space = _workspace()
         for start in range(0, len(q), group):
             part = q[start:start + group]
-            lhs, slack = self._bf16_queries(part)
+            lhs, slack = self._bf16_queries(part, space)
             rows, cols = [], []
             for first in range(0, len(part), chunk):
-                approx = (lhs[first:first + chunk] @ self.aug.T).view(torch.int16).view(-1, self.n_blocks, _BLOCK)
-                r, c = _bf16_candidates(approx.numpy(), approx.amin(2).numpy(), slack[first:first + chunk])
+                block = lhs[first:first + chunk]
+                approx = torch.matmul(block, self.aug.T, out=space.get("approx", (len(block), len(self.aug)),
+                                                                         torch.bfloat16))
+                approx = approx.view(torch.int16).view(-1, self.n_blocks, _BLOCK)
+                block_min = torch.amin(approx, 2, out=space.get("block_min", approx.shape[:2], torch.int16))
+                r, c = _bf16_candidates(approx.numpy(), block_min.numpy(), slack[first:first + chunk])
                 rows.append(r + first)
                 cols.append(c)
             d2[start:start + group], idx[start:start + group] = _best_of_candidates(
-                part.numpy(), bank, np.concatenate(rows), np.concatenate(cols))
+                part.numpy(), bank, np.concatenate(rows), np.concatenate(cols), space)
         return torch.from_numpy(d2), torch.from_numpy(idx)
 
-    def _bf16_queries(self, q: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    def _bf16_queries(self, q: torch.Tensor, space: _Workspace) -> tuple[torch.Tensor, np.ndarray]:
         """Left operand ``(n, D + 6)`` of the product, and per query the additive part of its error bound."""
         n, dim = q.shape
-        centred = q - self.mean
-        lhs = torch.empty(n, dim + 6, dtype=torch.bfloat16)
+        centred = torch.sub(q, self.mean, out=space.get("centred", (n, dim), torch.float32))
+        lhs = space.get("lhs", (n, dim + 6), torch.bfloat16)
         lhs[:, :dim] = centred  # rounded to nearest, as .bfloat16() rounds
         lhs[:, dim:dim + 3] = 1
         norm2 = torch.linalg.vecdot(centred, centred)
-        lhs[:, dim + 3:] = _bf16_parts(norm2.double())
+        _bf16_split(norm2, lhs[:, dim + 3:])
         residue = torch.linalg.vector_norm(centred.sub_(lhs[:, :dim]), dim=1)  # exact differences in float32
         # |approx - d^2| <= slack + output rounding, where slack bounds: the bfloat16 input rounding of -2 q.m,
         # 2 (|q^||dm| + |dq||m^| + |dq||dm|) with q = q^ + dq and m = m^ + dm (residues measured, not assumed;
@@ -298,12 +341,15 @@ def _bf16_candidates(approx: np.ndarray, block_min: np.ndarray, slack: np.ndarra
     return r[k], b[k] * _BLOCK + offset
 
 
-def _best_of_candidates(q: np.ndarray, bank: np.ndarray, rows: np.ndarray,
-                        cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _best_of_candidates(q: np.ndarray, bank: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                        space: _Workspace | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Float32 distance ``sum((q - m)^2)`` to, and index of, the nearest of each query's candidate bank rows;
     ``rows`` sorted, every query present. Ties go to the lowest bank index, as argmin's do."""
-    diff = np.take(q, rows, axis=0)
-    diff -= np.take(bank, cols, axis=0)
+    space = space or _Workspace()
+    shape = (len(rows), q.shape[1])
+    # mode="clip": with the default mode numpy buffers ``out`` (a fresh temporary); the indices are in range.
+    diff = np.take(q, rows, axis=0, out=space.get("diff", shape, torch.float32).numpy(), mode="clip")
+    diff -= np.take(bank, cols, axis=0, out=space.get("rows", shape, torch.float32).numpy(), mode="clip")
     d2 = np.einsum("ij,ij->i", diff, diff)
     starts = np.flatnonzero(np.diff(rows, prepend=-1))
     best = np.minimum.reduceat(d2, starts)

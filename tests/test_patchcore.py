@@ -3,6 +3,7 @@ and a lossless save/load."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,8 @@ from helpers.detector import load_detector
 from helpers.patchcore import (
     BankIndex,
     PatchCore,
+    _bf16_parts,
+    _bf16_split,
     anomaly_maps,
     coreset_indices,
     default_stages,
@@ -142,6 +145,28 @@ def test_every_search_backend_finds_the_exact_nearest_neighbour(backend):
         np.testing.assert_allclose(d2.sqrt().double().numpy(), dists.min(1), rtol=1e-5, atol=1e-4)
 
 
+def test_norms_split_into_the_same_bfloat16_parts_from_float32_as_from_float64():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.rand(1000, generator=gen) * 10.0 ** torch.randint(-30, 30, (1000,), generator=gen),
+                   torch.tensor([0.0, 1.0, 3.0e38, 1.1754944e-38])]).float()
+    out = torch.empty(len(x), 3, dtype=torch.bfloat16)
+    _bf16_split(x, out)
+    assert torch.equal(out, _bf16_parts(x.double()))
+    assert torch.equal(out.double().sum(1), x.double())  # exact: three 8-bit parts hold a 24-bit significand
+
+
+def test_concurrent_searches_on_threads_each_get_their_own_scratch_buffers():
+    gen = torch.Generator().manual_seed(4)
+    bank = torch.randn(700, 152, generator=gen)
+    queries = [torch.randn(3000, 152, generator=gen) for _ in range(4)]
+    index = BankIndex(bank)
+    expected = [index.search(q) for q in queries]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            found = list(pool.map(index.search, queries))
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(found, expected))
+
+
 def test_bf16_search_resolves_ties_finer_than_bfloat16():
     if not fast_bf16_available():
         pytest.skip("no fast bfloat16 products on this CPU")
@@ -256,6 +281,8 @@ def test_bench_without_peer_at_study_defaults_times_ours_against_the_backbone(tm
     assert result["peer_infer_s"] is None and result["peer_coreset_s"] is None and result["coreset_speedup"] is None
     assert len(result["ours_times_s"]) == len(result["backbone_times_s"]) == 2
     assert result["ours_infer_s"] == min(result["ours_times_s"]) and result["ours_phases_s"]["search"] > 0
+    ratios = sorted(o / b for o, b in zip(result["ours_times_s"], result["backbone_times_s"]))
+    assert result["infer_over_backbone_paired"] == pytest.approx((ratios[0] + ratios[1]) / 2)
     assert set(result["ours_phases_s"]) == {"embed", "search", "image_scores", "anomaly_maps"}
     with pytest.raises(SystemExit):
         bench.main(argv + ["--repeat", "0"])
