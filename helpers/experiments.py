@@ -195,17 +195,20 @@ def _features_job(paths: Sequence[Path], backbone: str, image_size: int, device:
 def prefetch_features(run: Run, image_sets: Iterable[Sequence[Path]], backbone: str | None = None,
                       image_size: int | None = None, progress: bool = True) -> None:
     """Fill the feature cache for every image of ``image_sets`` as parallel jobs, one per set, before the fits
-    and evaluations that read them: no two jobs then compute the same image."""
+    and evaluations that read them: no two jobs then compute the same image, and images already cached get none."""
+    from helpers import features
     from helpers.parallel import run_jobs
 
     cfg = run.config
+    backbone, image_size = backbone or cfg.model.backbone, image_size or cfg.model.image_size
     seen: set[Path] = set()
     jobs = []
     for paths in image_sets:
         fresh = [p for p in dict.fromkeys(paths) if p not in seen]
         seen.update(fresh)
+        fresh = [p for p in fresh if not features.entry(p, backbone, image_size).is_file()]
         if fresh:
-            jobs.append((fresh, backbone or cfg.model.backbone, image_size or cfg.model.image_size, cfg.model.device))
+            jobs.append((fresh, backbone, image_size, cfg.model.device))
     run_jobs(_features_job, jobs, cfg.execution, desc="features", progress=progress)
 
 

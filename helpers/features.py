@@ -73,6 +73,11 @@ def cache_folder(backbone: str, image_size: int, cache_dir: str | Path | None = 
     return Path(cache_dir or CACHE / "features") / f"{backbone}-{int(image_size)}-v{FEATURES_VERSION}"
 
 
+def entry(path: str | Path, backbone: str, image_size: int, cache_dir: str | Path | None = None) -> Path:
+    """The cache file of one image's features (present or not)."""
+    return cache_folder(backbone, image_size, cache_dir) / f"{file_digest(path)}.safetensors"
+
+
 def _read(path: Path, stages: Sequence[str]) -> dict[str, torch.Tensor] | None:
     """The stages of one cached image, or None when the file is absent, lacks a stage or cannot be read (then
     it is removed, so it is recomputed)."""
@@ -135,7 +140,7 @@ def extract(paths: Sequence[str | Path], backbone: str, image_size: int, stages:
         raise ValueError("extract() got an empty list of images")
     stages = backbones.check_stages(backbone, stages)
     folder = cache_folder(backbone, image_size, cache_dir)
-    files = [folder / f"{file_digest(p)}.safetensors" for p in paths]
+    files = [entry(p, backbone, image_size, cache_dir) for p in paths]
     found = [_read(f, stages) for f in files]
     missing = [i for i, entry in enumerate(found) if entry is None]
     if missing:

@@ -356,15 +356,6 @@ def model_jobs(run: Run, draw: int | None = None) -> list[tuple]:
     return sorted(jobs, key=lambda job: -len(job[3]))
 
 
-def _uncached(run: Run, paths: Sequence[Path]) -> list[Path]:
-    """The images whose backbone features are not in the feature cache yet (the prefetch would read the others
-    back only to find them there)."""
-    from helpers import features
-
-    folder = features.cache_folder(run.config.model.backbone, run.config.model.image_size)
-    return [p for p in paths if not (folder / f"{features.file_digest(p)}.safetensors").is_file()]
-
-
 def score_models(run: Run, progress: bool = True) -> dict[tuple, ModelScores]:
     """Build the control, fill the feature cache, then fit and score every model as parallel jobs; keyed by
     (method, seed, sorted training categories)."""
@@ -379,7 +370,7 @@ def score_models(run: Run, progress: bool = True) -> dict[tuple, ModelScores]:
     for category in run.config.unified_categories:
         image_sets += [list(control_rows(run, category, run.config.unified_categories, patch, draw)["image_path"])
                        for patch in controls(run).values()]
-    experiments.prefetch_features(run, [_uncached(run, paths) for paths in image_sets], progress=progress)
+    experiments.prefetch_features(run, image_sets, progress=progress)
     results = run_jobs(_model_job, jobs, run.config.execution, desc="unified models", progress=progress, memo=True)
     return {_key(r.method, r.seed, r.categories): r for r in results}
 

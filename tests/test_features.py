@@ -1,6 +1,8 @@
+from types import SimpleNamespace
+
 import torch
 
-from helpers import features
+from helpers import experiments, features, parallel
 from helpers.data import list_samples
 
 
@@ -97,3 +99,16 @@ def test_a_killed_extraction_leaves_no_temporary_file_and_the_rerun_is_byte_iden
     names = sorted(p.name for p in folder.glob("*.safetensors"))
     assert names == sorted(p.name for p in other.glob("*.safetensors")) and len(names) == len(paths)
     assert all((folder / n).read_bytes() == (other / n).read_bytes() for n in names)
+
+
+def test_prefetch_gives_each_image_not_cached_yet_one_job_and_cached_ones_none(tiny_mvtec, tmp_path, monkeypatch):
+    monkeypatch.setattr(features, "CACHE", tmp_path / "cache")
+    paths = _train_paths(tiny_mvtec, n=6)
+    features.extract(paths[:2], "efficientnet_lite0", 64, ["blocks.2"], device="cpu")
+    jobs = []
+    monkeypatch.setattr(parallel, "run_jobs", lambda fn, batch, *a, **k: jobs.extend(batch))
+    model = SimpleNamespace(backbone="efficientnet_lite0", image_size=64, device="cpu")
+    run = SimpleNamespace(config=SimpleNamespace(model=model, execution=None))
+    experiments.prefetch_features(run, [paths[:4], paths[3:6], paths[:2]])  # overlapping sets, one all cached
+    assert [job[0] for job in jobs] == [paths[2:4], paths[4:6]]
+    assert {job[1:] for job in jobs} == {("efficientnet_lite0", 64, "cpu")}
