@@ -236,10 +236,8 @@ def features_state_dict(name: str) -> dict[str, torch.Tensor]:
 @lru_cache(maxsize=4)
 def _load_cached(name: str, device: str) -> torch.nn.Module:
     s = spec(name)
-    # exportable=True mirrors anomalib's TimmFeatureExtractor, so both methods see identical features.
     with torch.random.fork_rng():  # random init before loading must not move the caller's RNG
-        net = timm.create_model(s.timm_name, pretrained=False, features_only=True, exportable=True,
-                                out_indices=_out_indices(s))
+        net = feature_net(s)
     missing, unexpected = net.load_state_dict(features_state_dict(name), strict=False)
     if missing:
         raise RuntimeError(f"backbone {name}: weights lack {len(missing)} tensors, e.g. {missing[:3]}")
@@ -271,6 +269,14 @@ def fold_batch_norms(net: torch.nn.Module) -> torch.nn.Module:
                 conv.bias = torch.nn.Parameter(shift)
             setattr(parent, name, torch.nn.Sequential(norm.drop, norm.act))
     return net
+
+
+def feature_net(s: BackboneSpec) -> torch.nn.Module:
+    """timm's features-only network of the backbone's registered stages, with random weights (on whatever
+    device is current: ``meta`` gives its shapes for nothing). ``exportable=True`` mirrors anomalib's
+    TimmFeatureExtractor, so both methods see identical features."""
+    return timm.create_model(s.timm_name, pretrained=False, features_only=True, exportable=True,
+                             out_indices=_out_indices(s))
 
 
 def _out_indices(s: BackboneSpec) -> tuple[int, ...]:

@@ -141,15 +141,13 @@ def image_side(run: Run) -> int:
 @lru_cache(maxsize=8)
 def stage_channels(backbone: str) -> dict[str, int]:
     """Channels of each registered stage, read from the architecture on the meta device (no weights, no compute)."""
-    import timm
     import torch
 
     from helpers import backbones
 
     s = backbones.spec(backbone)
     with torch.device("meta"):
-        net = timm.create_model(s.timm_name, pretrained=False, features_only=True, exportable=True,
-                                out_indices=backbones._out_indices(s))
+        net = backbones.feature_net(s)
     return dict(zip(s.stages, net.feature_info.channels()))
 
 
@@ -285,7 +283,6 @@ def cost(method: str) -> MethodCost:
 def backbone_seconds(backbone: str, measure: bool = True) -> float:
     """Seconds per image of a backbone at 224 px on one thread of this machine (random weights: the time does not
     depend on them). Without ``measure``, its GFLOPs stand in (units then differ, ratios do not much)."""
-    import timm
     import torch
 
     from helpers import backbones
@@ -295,8 +292,7 @@ def backbone_seconds(backbone: str, measure: bool = True) -> float:
         from torch.utils.flop_counter import FlopCounterMode
 
         with torch.device("meta"):
-            net = timm.create_model(s.timm_name, pretrained=False, features_only=True, exportable=True,
-                                    out_indices=backbones._out_indices(s))
+            net = backbones.feature_net(s)
             with FlopCounterMode(display=False) as counter:
                 net(torch.empty(1, 3, REFERENCE_SIZE, REFERENCE_SIZE))
         return counter.get_total_flops() / GB
@@ -304,8 +300,7 @@ def backbone_seconds(backbone: str, measure: bool = True) -> float:
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng():
-            net = timm.create_model(s.timm_name, pretrained=False, features_only=True, exportable=True,
-                                    out_indices=backbones._out_indices(s))
+            net = backbones.feature_net(s)
         net = net.eval().to(memory_format=torch.channels_last)
         batch = torch.randn(2, 3, REFERENCE_SIZE, REFERENCE_SIZE).contiguous(memory_format=torch.channels_last)
         best = math.inf
@@ -770,6 +765,7 @@ class Rates:
     step_job_s: dict[str, float]  # step -> recorded job seconds
     disk: dict[str, dict]  # step -> disk bytes after it
     unmatched: list[str]
+    reference: list[Batch]  # the batches the recorded run's configuration implies, as this plan counts them
 
 
 def _workers_here(execution) -> int:
@@ -810,7 +806,7 @@ def fit_rates(recorded: Recorded, measure: bool = True) -> Rates:
                 overheads.setdefault(match.kind, []).append(max(0.0, line["wall_s"] - parallel))
     per_unit = {k: seconds[k] / work[k] for k in seconds if work[k] > 0}
     overhead = {k: sum(v) / len(v) for k, v in overheads.items()}
-    return Rates(per_unit, overhead, outside, step_job_s, disk, unmatched)
+    return Rates(per_unit, overhead, outside, step_job_s, disk, unmatched, planned)
 
 
 def _counts_of(run: Run) -> dict:
@@ -858,15 +854,14 @@ def outside_seconds(step: str, estimates: Sequence[Estimate], rates: Rates) -> f
     return fixed + (rates.outside[step] - fixed) * scale
 
 
-def scale_factor(planned: Sequence[Batch], recorded: Recorded, rates: Rates, measure: bool = True) -> float:
+def scale_factor(planned: Sequence[Batch], rates: Rates) -> float:
     """How many times the recorded run's work the plan's is (all kinds together, each weighted by its rate)."""
-    reference = Run(recorded.profile, recorded.config)
 
     def seconds(chosen):
         return sum(b.work * rates.per_unit.get((b.kind, b.method), rates.per_unit.get((b.kind, None), 0.0))
                    for b in chosen)
 
-    theirs = seconds(batches(reference, _counts_of(reference), measure))
+    theirs = seconds(rates.reference)
     return seconds(planned) / theirs if theirs > 0 else math.nan
 
 
@@ -1001,7 +996,7 @@ def report(profile: str, overrides: dict | None = None, workers: int | None = No
                      "measured there; a worker is assumed as fast as one recorded worker (one core each)")
         lines.append("- seconds outside batches: the least any recorded step spent there (kernel start, imports), plus "
                      "the rest of the step's (work in the notebook, figures) scaled as its batches")
-        factor = scale_factor(planned, recorded, rates, measure)
+        factor = scale_factor(planned, rates)
         lines.append(f"- this plan is {factor:.3g} times the recorded run's work")
         if factor > 20:
             lines.append("- **rough**: the recorded run is much smaller; its jobs are dominated by fixed costs "
@@ -1026,7 +1021,7 @@ def _disk_notes(run: Run, counts: dict, planned: Sequence[Batch], recorded: Reco
     lines = []
     for step, kind, folder in (("00_data", "generate", "data"), ("01_shift", "shift", "shift")):
         measured = rates.disk.get(step, {}).get(folder)
-        ref_images = sum(b.images for b in batches_cache(reference) if b.kind == kind)
+        ref_images = sum(b.images for b in rates.reference if b.kind == kind)
         mine = sum(b.images for b in planned if b.kind == kind)
         if measured and ref_images and mine:
             per_pixel = measured / (ref_images * ref_side ** 2)
@@ -1034,6 +1029,3 @@ def _disk_notes(run: Run, counts: dict, planned: Sequence[Batch], recorded: Reco
                          f"image pixel, as the recorded run left it)")
     return lines
 
-
-def batches_cache(run: Run) -> list[Batch]:
-    return batches(run, _counts_of(run), measure=False)
