@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from helpers import experiments, thresholds
+from helpers.metrics import pixel_at_threshold
 from helpers.paths import Run
 from helpers.registry import DetectorConfig
 from helpers.thresholds import Estimator, PixelCounter
@@ -149,11 +150,7 @@ def _seg_f1(test: Scored, pixel_threshold: float | None) -> float | None:
     if test.counter is not None:
         return test.counter.seg_f1(pixel_threshold)
     if test.masks is not None and test.masks.any():
-        predicted = test.maps >= pixel_threshold
-        tp = int(np.count_nonzero(predicted & test.masks))
-        fp = int(np.count_nonzero(predicted)) - tp
-        fn = int(np.count_nonzero(test.masks)) - tp
-        return 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else 0.0
+        return pixel_at_threshold(test.masks, test.maps, pixel_threshold)["f1"]
     return None
 
 

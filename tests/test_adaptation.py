@@ -61,6 +61,15 @@ def _scored(seed: int, n_normal: int, n_anomalous: int, shift: float = 0.0, role
     return out
 
 
+def test_seg_f1_is_the_same_from_the_counter_and_from_kept_masks_and_maps():
+    counted, kept = _scored(5, 6, 9, role="test"), _scored(5, 6, 9, role="val")
+    for pixel_threshold in (0.5, 1.5, 2.5, 9.0):
+        by_counter = adaptation.evaluate(counted, 1.0, pixel_threshold)["seg_f1"]
+        assert by_counter > 0 or pixel_threshold == 9.0
+        assert adaptation.evaluate(kept, 1.0, pixel_threshold)["seg_f1"] == pytest.approx(by_counter)
+    assert adaptation.evaluate(kept, 1.0, None)["seg_f1"] is None
+
+
 def _source_case(test: Scored):
     clean_calib = _scored(0, 30, 0, prefix="clean")
     source = SourceCalibration.fit(PLAN, clean_calib)
