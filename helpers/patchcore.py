@@ -275,7 +275,6 @@ class BankIndex:
         d2 = np.empty(len(q), np.float32)
         idx = np.empty(len(q), np.int64)
         group = max(chunk, _GROUP)  # small banks: one product per group, fewer calls per query
-        bank = self.bank.numpy()
         space = _workspace()
         for start in range(0, len(q), group):
             part = q[start:start + group]
@@ -291,7 +290,7 @@ class BankIndex:
                 rows.append(r + first)
                 cols.append(c)
             d2[start:start + group], idx[start:start + group] = _best_of_candidates(
-                part.numpy(), bank, np.concatenate(rows), np.concatenate(cols), space)
+                part, self.bank, np.concatenate(rows), np.concatenate(cols), space)
         return torch.from_numpy(d2), torch.from_numpy(idx)
 
     def _bf16_queries(self, q: torch.Tensor, space: _Workspace) -> tuple[torch.Tensor, np.ndarray]:
@@ -341,21 +340,38 @@ def _bf16_candidates(approx: np.ndarray, block_min: np.ndarray, slack: np.ndarra
     return r[k], b[k] * _BLOCK + offset
 
 
-def _best_of_candidates(q: np.ndarray, bank: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+def _best_of_candidates(q: torch.Tensor, bank: torch.Tensor, rows: np.ndarray, cols: np.ndarray,
                         space: _Workspace | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Float32 distance ``sum((q - m)^2)`` to, and index of, the nearest of each query's candidate bank rows;
-    ``rows`` sorted, every query present. Ties go to the lowest bank index, as argmin's do."""
+    ``rows`` sorted, every query present. Ties go to the lowest bank index, as argmin's do.
+
+    Most queries have one candidate: every query's first is subtracted from the queries in place (torch, on all
+    threads, with no copy of the queries), only the others are gathered with theirs. The sums are numpy's, row
+    by row, whichever way a difference was formed.
+    """
     space = space or _Workspace()
-    shape = (len(rows), q.shape[1])
-    # mode="clip": with the default mode numpy buffers ``out`` (a fresh temporary); the indices are in range.
-    diff = np.take(q, rows, axis=0, out=space.get("diff", shape, torch.float32).numpy(), mode="clip")
-    diff -= np.take(bank, cols, axis=0, out=space.get("rows", shape, torch.float32).numpy(), mode="clip")
-    d2 = np.einsum("ij,ij->i", diff, diff)
+    dim = q.shape[1]
     starts = np.flatnonzero(np.diff(rows, prepend=-1))
+    d2 = np.empty(len(rows), np.float32)
+    first = space.get("first", (len(starts), dim), torch.float32)
+    torch.index_select(bank, 0, torch.from_numpy(cols[starts]), out=first)
+    torch.sub(q, first, out=first)
+    d2[starts] = np.einsum("ij,ij->i", first.numpy(), first.numpy())
+    if len(starts) < len(rows):
+        more = np.ones(len(rows), bool)
+        more[starts] = False
+        more = np.flatnonzero(more)
+        shape = (len(more), dim)
+        # mode="clip": with the default mode numpy buffers ``out`` (a fresh temporary); the indices are in range.
+        diff = np.take(q.numpy(), rows[more], axis=0, out=space.get("diff", shape, torch.float32).numpy(),
+                       mode="clip")
+        diff -= np.take(bank.numpy(), cols[more], axis=0, out=space.get("rows", shape, torch.float32).numpy(),
+                        mode="clip")
+        d2[more] = np.einsum("ij,ij->i", diff, diff)
     best = np.minimum.reduceat(d2, starts)
     hits = np.flatnonzero(d2 == best[rows])
-    first = hits[np.diff(rows[hits], prepend=-1) != 0]  # cols ascend within a query: its first hit is the lowest
-    return best, cols[first]
+    first_hit = hits[np.diff(rows[hits], prepend=-1) != 0]  # cols ascend within a query: its first is the lowest
+    return best, cols[first_hit]
 
 
 def _sq_dists(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
