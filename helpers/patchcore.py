@@ -135,7 +135,8 @@ def _greedy_kcenter(points: torch.Tensor, n: int, start: int, block: int) -> tor
 _U = 2.0 ** -8  # unit roundoff of bfloat16
 _BLOCK = 64  # bank columns per block when collecting candidates
 _GROUP = 1024  # fewest queries prepared and re-scored together (more when one product holds more)
-_MAX_CHUNK = 8192  # most queries per product: bounds the scratch buffers (5 MB each at 152 dimensions)
+_MAX_CHUNK = 8192  # most queries per product and group (5 MB of float32 queries at 152 dimensions)
+_SCRATCH_LIMIT = 16 * 2 ** 20  # bytes a scratch buffer may keep between searches; larger ones are freed after use
 _PRODUCT_SIZE = 256 * 10240  # elements of one bfloat16 product (5 MB): 256 queries against 10,240 bank rows
 
 
@@ -160,25 +161,32 @@ def _bf16_split(x: torch.Tensor, out: torch.Tensor) -> None:
 
 class _Workspace:
     """Scratch buffers by name, grown when too small and otherwise re-used, so that repeated searches write into
-    memory that is already mapped instead of faulting in fresh pages."""
+    memory that is already mapped instead of faulting in fresh pages. A request above ``limit`` bytes gets a
+    fresh tensor that is not kept: what stays allocated is at most ``limit`` per name."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = _SCRATCH_LIMIT) -> None:
+        self.limit = limit
         self._buffers: dict[str, torch.Tensor] = {}
 
     def get(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         n = math.prod(shape)
+        if n * dtype.itemsize > self.limit:
+            return torch.empty(*shape, dtype=dtype)
         buf = self._buffers.get(name)
         if buf is None or buf.numel() < n or buf.dtype != dtype:
             buf = self._buffers[name] = torch.empty(n, dtype=dtype)
         return buf[:n].view(*shape)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.dtype.itemsize for b in self._buffers.values())
 
 
 _THREAD = threading.local()
 
 
 def _workspace() -> _Workspace:
-    """This thread's scratch buffers, shared by every index: their size follows the largest search so far
-    (tens of MB at most), not the number of models alive."""
+    """This thread's scratch buffers, shared by every index: their size follows the largest search so far, up to
+    ``_SCRATCH_LIMIT`` per buffer (seven of them), not the number of models alive."""
     if not hasattr(_THREAD, "space"):
         _THREAD.space = _Workspace()
     return _THREAD.space
@@ -236,7 +244,8 @@ class BankIndex:
         ones = torch.ones(len(centred), 3, dtype=torch.bfloat16)
         rows = torch.cat([rounded * -2, _bf16_parts((centred.double() ** 2).sum(1)), ones], 1)
         far = torch.zeros(-len(rows) % _BLOCK, rows.shape[1], dtype=torch.bfloat16)
-        far[:, -6] = 1e30  # padding rows sit infinitely far away: never a candidate
+        # Padding rows sit 1e30 beyond every query (||q||^2 + 1e30, through their ones): never a candidate.
+        far[:, -6], far[:, -3:] = 1e30, 1
         self.aug = torch.cat([rows, far]).contiguous()
         self.n_blocks = len(self.aug) // _BLOCK
 
@@ -289,6 +298,9 @@ class BankIndex:
                 r, c = _bf16_candidates(approx.numpy(), block_min.numpy(), slack[first:first + chunk])
                 rows.append(r + first)
                 cols.append(c)
+            if max(c.max(initial=0) for c in cols) >= len(self.bank):
+                raise ValueError("queries too large for the bfloat16 search (a padding row became a candidate); "
+                                 "use BankIndex(bank, 'faiss')")
             d2[start:start + group], idx[start:start + group] = _best_of_candidates(
                 part, self.bank, np.concatenate(rows), np.concatenate(cols), space)
         return torch.from_numpy(d2), torch.from_numpy(idx)
@@ -301,6 +313,8 @@ class BankIndex:
         lhs[:, :dim] = centred  # rounded to nearest, as .bfloat16() rounds
         lhs[:, dim:dim + 3] = 1
         norm2 = torch.linalg.vecdot(centred, centred)
+        if not bool(torch.isfinite(norm2).all()):
+            raise ValueError("queries hold NaN or infinite values, or values too large to square in float32")
         _bf16_split(norm2, lhs[:, dim + 3:])
         residue = torch.linalg.vector_norm(centred.sub_(lhs[:, :dim]), dim=1)  # exact differences in float32
         # |approx - d^2| <= slack + output rounding, where slack bounds: the bfloat16 input rounding of -2 q.m,
@@ -345,9 +359,9 @@ def _best_of_candidates(q: torch.Tensor, bank: torch.Tensor, rows: np.ndarray, c
     """Float32 distance ``sum((q - m)^2)`` to, and index of, the nearest of each query's candidate bank rows;
     ``rows`` sorted, every query present. Ties go to the lowest bank index, as argmin's do.
 
-    Most queries have one candidate: every query's first is subtracted from the queries in place (torch, on all
-    threads, with no copy of the queries), only the others are gathered with theirs. The sums are numpy's, row
-    by row, whichever way a difference was formed.
+    Most queries have one candidate: every query's first candidate row is gathered into a scratch buffer and the
+    queries are subtracted from it there (torch, on all threads, with no copy of the queries); only the further
+    candidates are gathered together with their queries. The sums are numpy's, row by row, either way.
     """
     space = space or _Workspace()
     dim = q.shape[1]
@@ -362,7 +376,8 @@ def _best_of_candidates(q: torch.Tensor, bank: torch.Tensor, rows: np.ndarray, c
         more[starts] = False
         more = np.flatnonzero(more)
         shape = (len(more), dim)
-        # mode="clip": with the default mode numpy buffers ``out`` (a fresh temporary); the indices are in range.
+        # mode="clip": with the default mode numpy buffers ``out`` (a fresh temporary); _search_bf16 has checked
+        # that every index is a bank row.
         diff = np.take(q.numpy(), rows[more], axis=0, out=space.get("diff", shape, torch.float32).numpy(),
                        mode="clip")
         diff -= np.take(bank.numpy(), cols[more], axis=0, out=space.get("rows", shape, torch.float32).numpy(),

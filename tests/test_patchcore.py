@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from unittest.mock import patch
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
-from helpers import backbones, bench, evaluate, features, splits
+from helpers import backbones, bench, evaluate, features, patchcore, splits
 from helpers.data import list_samples, load_mask
 from helpers.detector import load_detector
 from helpers.patchcore import (
@@ -156,15 +157,43 @@ def test_norms_split_into_the_same_bfloat16_parts_from_float32_as_from_float64()
 
 
 def test_concurrent_searches_on_threads_each_get_their_own_scratch_buffers():
+    if not fast_bf16_available():
+        pytest.skip("no fast bfloat16 products on this CPU: only the bf16 search uses scratch buffers")
     gen = torch.Generator().manual_seed(4)
     bank = torch.randn(700, 152, generator=gen)
     queries = [torch.randn(3000, 152, generator=gen) for _ in range(4)]
-    index = BankIndex(bank)
+    index = BankIndex(bank, "bf16")
     expected = [index.search(q) for q in queries]
     with ThreadPoolExecutor(4) as pool:
         for _ in range(3):
             found = list(pool.map(index.search, queries))
             assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(found, expected))
+
+
+def test_scratch_buffers_keep_at_most_their_limit_and_results_do_not_change_with_it():
+    if not fast_bf16_available():
+        pytest.skip("no fast bfloat16 products on this CPU")
+    gen = torch.Generator().manual_seed(5)
+    bank = torch.cat([torch.randn(300, 152, generator=gen), torch.zeros(400, 152)])  # 400 equal rows: many
+    queries = torch.randn(2000, 152, generator=gen) * 0.01  # candidates per query (ties near zero)
+    index = BankIndex(bank, "bf16")
+    kept = index.search(queries)
+    small = patchcore._Workspace(limit=64 * 1024)
+    with patch.object(patchcore._THREAD, "space", small, create=True):
+        capped = index.search(queries)
+    assert torch.equal(kept[0], capped[0]) and torch.equal(kept[1], capped[1])
+    assert 0 < small.nbytes() <= 7 * 64 * 1024
+
+
+def test_bf16_search_refuses_queries_it_cannot_bound():
+    if not fast_bf16_available():
+        pytest.skip("no fast bfloat16 products on this CPU")
+    index = BankIndex(torch.randn(700, 152, generator=torch.Generator().manual_seed(6)), "bf16")
+    for bad in (float("nan"), float("inf"), 1e30):
+        queries = torch.zeros(10, 152)
+        queries[3, 7] = bad
+        with pytest.raises(ValueError, match="NaN or infinite|too large"):
+            index.search(queries)
 
 
 def test_bf16_search_resolves_ties_finer_than_bfloat16():
