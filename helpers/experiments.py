@@ -195,18 +195,20 @@ def _features_job(paths: Sequence[Path], backbone: str, image_size: int, device:
 def prefetch_features(run: Run, image_sets: Iterable[Sequence[Path]], backbone: str | None = None,
                       image_size: int | None = None, progress: bool = True) -> None:
     """Fill the feature cache for every image of ``image_sets`` as parallel jobs, one per set, before the fits
-    and evaluations that read them: no two jobs then compute the same image, and images already cached get none."""
-    from helpers import features
+    and evaluations that read them: no two jobs then compute the same image, and images whose cached file holds
+    every patch stage get none (hashing each image here, in this process, to find its file)."""
+    from helpers import backbones, features
     from helpers.parallel import run_jobs
 
     cfg = run.config
     backbone, image_size = backbone or cfg.model.backbone, image_size or cfg.model.image_size
+    stages = backbones.spec(backbone).patch_stages
     seen: set[Path] = set()
     jobs = []
     for paths in image_sets:
         fresh = [p for p in dict.fromkeys(paths) if p not in seen]
         seen.update(fresh)
-        fresh = [p for p in fresh if not features.entry(p, backbone, image_size).is_file()]
+        fresh = [p for p in fresh if not features.cached(p, backbone, image_size, stages)]
         if fresh:
             jobs.append((fresh, backbone, image_size, cfg.model.device))
     run_jobs(_features_job, jobs, cfg.execution, desc="features", progress=progress)

@@ -78,6 +78,22 @@ def entry(path: str | Path, backbone: str, image_size: int, cache_dir: str | Pat
     return cache_folder(backbone, image_size, cache_dir) / f"{file_digest(path)}.safetensors"
 
 
+def cached(path: str | Path, backbone: str, image_size: int, stages: Sequence[str],
+           cache_dir: str | Path | None = None) -> bool:
+    """Whether the cache holds every one of ``stages`` for one image, from the file's header alone; False for
+    an absent or unreadable file (which ``extract`` then discards and recomputes)."""
+    from safetensors import safe_open
+
+    file = entry(path, backbone, image_size, cache_dir)
+    if not file.is_file():
+        return False
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return set(stages) <= set(f.keys())
+    except Exception:  # noqa: BLE001 - any unreadable entry counts as absent
+        return False
+
+
 def _read(path: Path, stages: Sequence[str]) -> dict[str, torch.Tensor] | None:
     """The stages of one cached image, or None when the file is absent, lacks a stage or cannot be read (then
     it is removed, so it is recomputed)."""
@@ -142,7 +158,7 @@ def extract(paths: Sequence[str | Path], backbone: str, image_size: int, stages:
     folder = cache_folder(backbone, image_size, cache_dir)
     files = [entry(p, backbone, image_size, cache_dir) for p in paths]
     found = [_read(f, stages) for f in files]
-    missing = [i for i, entry in enumerate(found) if entry is None]
+    missing = [i for i, stored in enumerate(found) if stored is None]
     if missing:
         remove_stale_temporaries(folder)
         wanted = list(dict.fromkeys([*backbones.spec(backbone).patch_stages, *stages]))
@@ -153,4 +169,4 @@ def extract(paths: Sequence[str | Path], backbone: str, image_size: int, stages:
                 per_image = {s: fresh[s][j].clone() for s in wanted}
                 _write(files[i], per_image)
                 found[i] = {s: per_image[s] for s in stages}
-    return {s: torch.stack([entry[s] for entry in found]) for s in stages}
+    return {s: torch.stack([stored[s] for stored in found]) for s in stages}

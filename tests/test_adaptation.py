@@ -63,7 +63,8 @@ def _scored(seed: int, n_normal: int, n_anomalous: int, shift: float = 0.0, role
 
 def test_seg_f1_is_the_same_from_the_counter_and_from_kept_masks_and_maps():
     counted, kept = _scored(5, 6, 9, role="test"), _scored(5, 6, 9, role="val")
-    for pixel_threshold in (0.5, 1.5, 2.5, 9.0):
+    on_a_pixel = float(kept.maps[kept.masks][5])  # a pixel exactly at the threshold counts as flagged
+    for pixel_threshold in (0.5, 1.5, 2.5, on_a_pixel, 9.0):
         by_counter = adaptation.evaluate(counted, 1.0, pixel_threshold)["seg_f1"]
         assert by_counter > 0 or pixel_threshold == 9.0
         assert adaptation.evaluate(kept, 1.0, pixel_threshold)["seg_f1"] == pytest.approx(by_counter)

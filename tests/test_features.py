@@ -112,3 +112,8 @@ def test_prefetch_gives_each_image_not_cached_yet_one_job_and_cached_ones_none(t
     experiments.prefetch_features(run, [paths[:4], paths[3:6], paths[:2]])  # overlapping sets, one all cached
     assert [job[0] for job in jobs] == [paths[2:4], paths[4:6]]
     assert {job[1:] for job in jobs} == {("efficientnet_lite0", 64, "cpu")}
+    cut_short = features.entry(paths[1], "efficientnet_lite0", 64)
+    cut_short.write_bytes(cut_short.read_bytes()[:50])  # unreadable: prefetched again, not left to every reader
+    jobs.clear()
+    experiments.prefetch_features(run, [paths[:2]])
+    assert [job[0] for job in jobs] == [paths[1:2]]
