@@ -355,7 +355,7 @@ def _bf16_candidates(approx: np.ndarray, block_min: np.ndarray, slack: np.ndarra
 
 
 def _best_of_candidates(q: torch.Tensor, bank: torch.Tensor, rows: np.ndarray, cols: np.ndarray,
-                        space: _Workspace | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        space: _Workspace) -> tuple[np.ndarray, np.ndarray]:
     """Float32 distance ``sum((q - m)^2)`` to, and index of, the nearest of each query's candidate bank rows;
     ``rows`` sorted, every query present. Ties go to the lowest bank index, as argmin's do.
 
@@ -363,7 +363,6 @@ def _best_of_candidates(q: torch.Tensor, bank: torch.Tensor, rows: np.ndarray, c
     queries are subtracted from it there (torch, on all threads, with no copy of the queries); only the further
     candidates are gathered together with their queries. The sums are numpy's, row by row, either way.
     """
-    space = space or _Workspace()
     dim = q.shape[1]
     starts = np.flatnonzero(np.diff(rows, prepend=-1))
     d2 = np.empty(len(rows), np.float32)
